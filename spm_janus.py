@@ -1,0 +1,1036 @@
+"""
+Erase a visual concept from Janus-Pro's image generation with SPM membranes.
+
+A membrane (Lyu et al., CVPR 2024) is a rank-1 adapter wrapped around a Linear of the Llama decoder:
+    y = W x + multiplier * (alpha / rank) * up(down(x)),   up zero-initialised, W frozen.
+The teacher is the same model with its membranes switched off. At every image-generation step the student's
+logits for the concept prompt are trained towards
+    t = l(surrogate) - eta * (l(concept) - l(surrogate))        (teacher logits)
+and all 576 steps of a rollout are scored by ONE teacher-forced pass, since step i only depends on codes < i.
+
+    python spm_janus.py --concept mouse --layers attn --loss kl
+    python sample.py --ckpt runs/mouse/membranes.safetensors --prompt "a photo of a mouse" --compare
+
+This file is self-contained: copy it into your project. It does no work at import time.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LAYER_CHOICES = {"attn": ATTN_MODULES, "mlp": MLP_MODULES, "attn+mlp": ATTN_MODULES + MLP_MODULES}
+DEFAULT_TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of a {}")
+# Concepts kept intact by prompt anchoring when --anchor-prompts is not given; the erased ones are dropped from it.
+COMMON_CONCEPTS = ("person", "cat", "dog", "bird", "fish", "horse", "mouse", "car", "tree", "house",
+                   "flower", "boat", "chair", "apple", "mountain", "city")
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<begin_of_image>", "<end_of_image>", "<image_placeholder>", "<unk>",
+                  "<|User|>", "<|Assistant|>")
+CHECKPOINT_NAME = "membranes.safetensors"
+STATE_NAME = "trainer_state.pt"
+# Flags that define what a checkpoint is; resuming with a different value is refused.
+METHOD_KEYS = ("model", "concept", "surrogate", "eta", "layers", "modules", "attn_layer_ids", "mlp_layer_ids",
+               "scope", "rank", "alpha", "loss", "kl_direction", "loss_on", "anchor", "anchor_prompts", "seed")
+
+
+class SPMError(Exception):
+    """A problem the user can fix; main() prints it as one line. exit_code 2 = bad usage, 1 = runtime."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -----------------------------------------------------------------------------
+# The membrane
+
+
+class MembraneState:
+    """What every membrane of one attachment shares: on/off, strength, and the token-position gate."""
+
+    def __init__(self):
+        self.enabled = True
+        self.multiplier = 1.0  # float, or a tensor [B, 1, 1] for one strength per row
+        self.gate = None  # None = every position; else float [B, L, 1] set by the language-model pre-hook
+
+
+class MembraneLinear(nn.Module):
+    """y = base(x) + multiplier * (alpha / rank) * up(down(x)). Keeps the base Linear as is."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, state: MembraneState):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        nn.init.zeros_(self.up.weight)  # a fresh membrane is an exact no-op
+        self.scale = alpha / rank
+        self.state = state  # a plain object, not a submodule: it is shared by all membranes of the attachment
+
+    def forward(self, x):
+        out = self.base(x)
+        state = self.state
+        if not state.enabled:
+            return out
+        delta = self.up(self.down(x.to(self.down.weight.dtype)))
+        if state.gate is not None:
+            delta = delta * state.gate
+        return out + (delta * (state.multiplier * self.scale)).to(out.dtype)
+
+
+class Membranes:
+    """Handle for the membranes attached to one model: switch them on/off, save, detach.
+
+    Disabled membranes make the model exactly the base model: that is the teacher.
+    """
+
+    def __init__(self, model, names, rank=1, alpha=1.0, scope="image", boi_token_id=None):
+        if scope not in ("image", "prompt", "all"):
+            raise SPMError(f"unknown scope {scope!r}: use image, prompt or all", 2)
+        if scope != "all" and boi_token_id is None:
+            raise SPMError("scope image/prompt needs the <begin_of_image> token id", 2)
+        self.model, self.names, self.rank, self.alpha, self.scope = model, list(names), rank, alpha, scope
+        self.boi_token_id = boi_token_id
+        self.state = MembraneState()
+        self.modules = {}
+        for name in self.names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrapper = MembraneLinear(getattr(parent, attr), rank, alpha, self.state)
+            setattr(parent, attr, wrapper)
+            self.modules[name] = wrapper
+        self._in_image = None  # per row: did the running KV-cached generation reach the image part?
+        self._hook = None
+        if scope != "all":
+            language_model = model.model.language_model
+            self._hook = language_model.register_forward_pre_hook(self._set_gate, with_kwargs=True)
+
+    # -- which token positions the membranes act on --
+    def _set_gate(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        batch, length = (embeds.shape[:2] if embeds is not None else input_ids.shape)
+        if cache is not None and cache.get_seq_length() > 0 and self._in_image is not None \
+                and self._in_image.shape[0] == batch:
+            image = self._in_image[:, None].expand(batch, length)  # a KV-cached step continues its row's part
+        else:
+            if embeds is not None:
+                boi = module.get_input_embeddings().weight[self.boi_token_id].to(embeds.dtype)
+                is_boi = (embeds == boi).all(-1)
+            else:
+                is_boi = input_ids == self.boi_token_id
+            # The <begin_of_image> position belongs to the image: its output predicts the first image token.
+            image = is_boi.cumsum(1) > 0
+            self._in_image = image[:, -1]
+        gate = image if self.scope == "image" else ~image
+        self.state.gate = gate[..., None].to(self.modules[self.names[0]].down.weight.dtype)
+
+    # -- on / off --
+    @contextlib.contextmanager
+    def switched(self, enabled: bool):
+        previous = self.state.enabled
+        self.state.enabled = enabled
+        try:
+            yield self
+        finally:
+            self.state.enabled = previous
+
+    def disabled(self):
+        return self.switched(False)
+
+    def enabled(self):
+        return self.switched(True)
+
+    @contextlib.contextmanager
+    def strength(self, multiplier):
+        previous = self.state.multiplier
+        self.state.multiplier = multiplier
+        try:
+            yield self
+        finally:
+            self.state.multiplier = previous
+
+    # -- parameters and state --
+    def parameters(self):
+        return [p for m in self.modules.values() for p in (m.down.weight, m.up.weight)]
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def state_dict(self):
+        tensors = {}
+        for name, m in self.modules.items():
+            tensors[f"{name}.down"] = m.down.weight.detach().float().cpu().contiguous()
+            tensors[f"{name}.up"] = m.up.weight.detach().float().cpu().contiguous()
+        return tensors
+
+    def load_state_dict(self, tensors, source="checkpoint"):
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise SPMError(f"{source}: tensor names do not match the model's membranes "
+                           f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != tuple(shape):
+                raise SPMError(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, the model needs "
+                               f"{tuple(shape)}: the checkpoint was made for another model")
+        with torch.no_grad():
+            for name, m in self.modules.items():
+                m.down.weight.copy_(tensors[f"{name}.down"])
+                m.up.weight.copy_(tensors[f"{name}.up"])
+
+    def detach(self):
+        """Remove the membranes: the model's module tree is exactly what it was before attaching."""
+        for name, wrapper in self.modules.items():
+            parent_name, _, attr = name.rpartition(".")
+            holder, key = self.model.get_submodule(parent_name), attr
+            current = getattr(holder, key)
+            while current is not wrapper:  # another attachment may have wrapped ours since
+                holder, key, current = current, "base", current.base
+            setattr(holder, key, wrapper.base)
+        if self._hook is not None:
+            self._hook.remove()
+        self.modules, self.state.gate = {}, None
+
+
+def parse_layer_ids(spec, num_layers, flag="--attn-layer-ids"):
+    """'0-5,9' -> [0, 1, 2, 3, 4, 5, 9]; None or 'all' -> every layer."""
+    if spec is None or str(spec).strip().lower() == "all":
+        return list(range(num_layers))
+    ids = set()
+    try:
+        for part in str(spec).split(","):
+            lo, _, hi = part.strip().partition("-")
+            ids.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise SPMError(f"{flag} {spec!r} is not a list of layer ids: write it like 0-5,9", 2) from None
+    bad = sorted(i for i in ids if not 0 <= i < num_layers)
+    if bad or not ids:
+        raise SPMError(f"{flag} {spec!r}: layer id {bad[0] if bad else spec} is out of range, "
+                       f"the model has layers 0-{num_layers - 1}", 2)
+    return sorted(ids)
+
+
+def membrane_targets(num_layers, layers="attn", modules=None, attn_layer_ids=None, mlp_layer_ids=None):
+    """Names of the Linear modules to wrap, e.g. 'model.language_model.layers.0.self_attn.q_proj'."""
+    allowed = LAYER_CHOICES[layers]
+    modules = list(modules) if modules else list(allowed)
+    unknown = [m for m in modules if m not in allowed]
+    if unknown:
+        raise SPMError(f"--modules {unknown[0]!r} is not a module of --layers {layers}: "
+                       f"choose from {','.join(allowed)}", 2)
+    attn_ids = parse_layer_ids(attn_layer_ids, num_layers, "--attn-layer-ids")
+    mlp_ids = parse_layer_ids(mlp_layer_ids, num_layers, "--mlp-layer-ids")
+    names = []
+    for i in range(num_layers):
+        for m in modules:
+            if m in ATTN_MODULES and i in attn_ids:
+                names.append(f"model.language_model.layers.{i}.self_attn.{m}")
+            if m in MLP_MODULES and i in mlp_ids:
+                names.append(f"model.language_model.layers.{i}.mlp.{m}")
+    return names
+
+
+def attach_membranes(model, tokenizer, layers="attn", modules=None, attn_layer_ids=None, mlp_layer_ids=None,
+                     rank=1, alpha=1.0, scope="image"):
+    """Wrap the chosen Linears of the Llama decoder in membranes and return the handle."""
+    if rank < 1:
+        raise SPMError(f"--rank {rank} must be at least 1", 2)
+    names = membrane_targets(model.config.text_config.num_hidden_layers, layers, modules,
+                             attn_layer_ids, mlp_layer_ids)
+    return Membranes(model, names, rank, alpha, scope, special_ids(tokenizer)["boi"])
+
+
+# -----------------------------------------------------------------------------
+# Models: a hub id or local directory in transformers' Janus format, or 'tiny' built here
+
+
+def word_tokenizer(words):
+    """An offline word-level tokenizer with Janus' special tokens; works with JanusProcessor and save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {}
+    for token in list(SPECIAL_TOKENS) + [":", ".", ","] + list(words):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                              "eoi_token": "<end_of_image>"})
+
+
+def janus_config(vocab_size, hidden=64, intermediate=128, layers=2, heads=4, grid=8, patch=4, codebook=256,
+                 vq_embed_dim=8, vq_channels=32, vq_multiplier=(1, 1, 2), image_token_id=5, context=1024):
+    """A JanusConfig with explicit sub-configs (JanusConfig() alone is a generic 7B Llama)."""
+    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=context, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = JanusVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=grid * patch, patch_size=patch, num_image_tokens=grid * grid)
+    vq = JanusVQVAEConfig(embed_dim=vq_embed_dim, num_embeddings=codebook, latent_channels=32,
+                          base_channels=vq_channels, channel_multiplier=list(vq_multiplier), num_res_blocks=1,
+                          num_patches=grid, image_token_embed_dim=hidden, projection_dim=hidden)
+    return JanusConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), vq_config=vq.to_dict(),
+                       image_token_id=image_token_id)
+
+
+def set_generation_defaults(model, tokenizer, guidance_scale, temperature):
+    """Image-mode generate needs boi_token_id in generation_kwargs; the sampling defaults travel with the model."""
+    gen = model.generation_config
+    gen.generation_kwargs = {**(getattr(gen, "generation_kwargs", None) or {}), "boi_token_id": special_ids(tokenizer)["boi"]}
+    gen.guidance_scale, gen.temperature, gen.do_sample = guidance_scale, temperature, True
+    gen.pad_token_id, gen.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    gen._from_model_config = False  # else save_pretrained drops generation_kwargs
+
+
+def build_tiny_janus(seed=0):
+    """A seeded, tiny, random Janus-Pro look-alike and its tokenizer, built in-process for smoke runs and tests."""
+    from transformers import JanusForConditionalGeneration
+
+    words = sorted({w for t in DEFAULT_TEMPLATES for w in t.replace("{}", "").split()}
+                   | set(COMMON_CONCEPTS) | {"real", "red", "green", "blue", "yellow", "drawing"})
+    tokenizer = word_tokenizer(words)
+    config = janus_config(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = JanusForConditionalGeneration(config)
+    set_generation_defaults(model, tokenizer, guidance_scale=5.0, temperature=1.0)
+    return model, tokenizer
+
+
+def resolve_model(name):
+    """'tiny' stays as is; 'toy' is the trained toy model next to this file; anything else goes to transformers."""
+    if name == "toy":
+        path = Path(__file__).resolve().with_name("toy_model")
+        if not (path / "config.json").exists():
+            raise SPMError(f"the toy model is not at {path}: build it with `python toy_janus.py`", 1)
+        return str(path)
+    return name
+
+
+def load_config(name):
+    """The model's JanusConfig, read before any weights, so bad layer ids fail fast."""
+    name = resolve_model(name)
+    if name == "tiny":
+        return build_tiny_janus()[0].config
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as e:  # offline hub id, missing directory, not a Janus checkpoint
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SPMError(f"cannot load model {name!r} ({first_line}); pass a hub id such as "
+                       f"deepseek-community/Janus-Pro-1B, a local directory in transformers' Janus format, "
+                       f"or --model tiny", 1) from None
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SPMError("--device cuda, but this machine has no CUDA device: use --device cpu or auto", 2)
+    return device
+
+
+def load_model(name, dtype="float32", device="cpu"):
+    """Load (model, tokenizer) with every base weight frozen."""
+    name = resolve_model(name)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if name == "tiny":
+        model, tokenizer = build_tiny_janus()
+        model = model.to(torch_dtype)
+    else:
+        from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+        load_config(name)  # one-line error for a model that cannot be found
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = JanusForConditionalGeneration.from_pretrained(name, dtype=torch_dtype)
+        gen = model.generation_config
+        if "boi_token_id" not in (getattr(gen, "generation_kwargs", None) or {}):
+            set_generation_defaults(model, tokenizer, gen.guidance_scale or 5.0, gen.temperature or 1.0)
+    model.requires_grad_(False).eval().to(device)
+    return model, tokenizer
+
+
+def special_ids(tokenizer):
+    return {"boi": tokenizer.convert_tokens_to_ids(tokenizer.boi_token), "pad": tokenizer.pad_token_id,
+            "bos": tokenizer.bos_token_id, "unk": tokenizer.unk_token_id}
+
+
+def generation_defaults(model):
+    """(cfg, temperature) from the model's generation config: 5 and 1 for Janus-Pro."""
+    gen = model.generation_config
+    return float(gen.guidance_scale or 5.0), float(gen.temperature if gen.temperature is not None else 1.0)
+
+
+# -----------------------------------------------------------------------------
+# Prompts, sampling and the one teacher-forced pass
+
+
+def format_prompt(prompt, tokenizer):
+    return f"<|User|>: {prompt}\n\n<|Assistant|>:{tokenizer.boi_token}"
+
+
+def encode_prompts(tokenizer, prompts, device="cpu", max_length=None):
+    """Left-padded (input_ids, attention_mask) [B, T], each row ending with <begin_of_image>."""
+    batch = tokenizer([format_prompt(p, tokenizer) for p in prompts], return_tensors="pt", padding=True)
+    if max_length is not None and batch.input_ids.shape[1] > max_length:
+        raise SPMError(f"prompt of {batch.input_ids.shape[1]} tokens is longer than the model's context of "
+                       f"{max_length} minus the image: shorten it", 2)
+    return batch.input_ids.to(device), batch.attention_mask.to(device)
+
+
+def unconditional_ids(input_ids, tokenizer):
+    """The CFG unconditional prompt, as native generate builds it: everything but BOS and BOI becomes pad."""
+    ids = special_ids(tokenizer)
+    keep = (input_ids == ids["bos"]) | (input_ids == ids["boi"])
+    return torch.where(keep, input_ids, torch.full_like(input_ids, ids["pad"]))
+
+
+def positions(attention_mask):
+    # Rows are left-padded; positions as if unpadded, so a padded prompt sees what an unpadded one sees.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def derived_seed(*parts):
+    """A seed from (seed, step, index, ...), the same in every process (Python's hash() of a str is not)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def rollout_uniforms(seed, step, first_index, count, num_tokens, device="cpu"):
+    """One uniform per image token per sample, from a generator seeded by (seed, step, sample index).
+
+    Sampling by inverse CDF with these makes each sample independent of the batch it is in.
+    """
+    rows = []
+    for index in range(first_index, first_index + count):
+        generator = torch.Generator().manual_seed(derived_seed(seed, step, index, "rollout"))
+        rows.append(torch.rand(num_tokens, generator=generator, dtype=torch.float64))
+    return torch.stack(rows).to(device)
+
+
+@torch.no_grad()
+def sample_codes(model, prompt_embeds, uncond_embeds, attention_mask, cfg, temperature, uniforms=None):
+    """Sample image codes [B, N] with CFG and a KV cache. uniforms [B, N] in [0,1) (None = greedy)."""
+    from transformers import DynamicCache
+
+    language_model, head = model.model.language_model, model.model.generation_head
+    num_tokens = model.config.vision_config.num_image_tokens
+    batch = prompt_embeds.shape[0]
+    embeds = torch.cat([prompt_embeds, uncond_embeds])  # [2B, T, D], conditional rows first
+    mask = torch.cat([attention_mask, attention_mask])
+    position_ids = positions(mask)
+    cache = DynamicCache(config=language_model.config)
+    codes = torch.zeros(batch, num_tokens, dtype=torch.long, device=embeds.device)
+    for i in range(num_tokens):
+        hidden = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                cache=cache, use_cache=True).last_hidden_state[:, -1]
+        logits = head(hidden).float()  # [2B, V]
+        cond, uncond = logits.chunk(2)
+        logits = uncond + cfg * (cond - uncond)
+        if uniforms is None or temperature == 0:
+            codes[:, i] = logits.argmax(-1)
+        else:
+            cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
+            u = uniforms[:, i:i + 1].to(cdf) * cdf[:, -1:]
+            codes[:, i] = torch.searchsorted(cdf, u).squeeze(1).clamp(max=logits.shape[-1] - 1)
+        embeds = model.prepare_embeddings_for_image_generation(codes[:, i].repeat(2))[:, None]
+        mask = torch.cat([mask, mask.new_ones(2 * batch, 1)], 1)
+        position_ids = position_ids[:, -1:] + 1
+    return codes
+
+
+def image_logits(model, prompt_embeds, attention_mask, codes):
+    """Logits [B, N, V] of every image step from ONE teacher-forced pass; row i predicts codes[:, i]."""
+    batch, prompt_len = attention_mask.shape
+    image_embeds = model.prepare_embeddings_for_image_generation(codes[:, :-1])  # [B, N-1, D]
+    embeds = torch.cat([prompt_embeds, image_embeds.to(prompt_embeds.dtype)], 1)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(batch, codes.shape[1] - 1)], 1)
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                                        use_cache=False).last_hidden_state
+    return model.model.generation_head(hidden[:, prompt_len - 1:]).float()
+
+
+def cfg_combine(cond, uncond, scale):
+    return uncond + scale * (cond - uncond)
+
+
+def divergence(student, target, loss="kl", direction="forward"):
+    """Mean over rows and image steps of KL(target||student) (forward), KL(student||target) (reverse), or MSE."""
+    if loss == "mse":
+        return F.mse_loss(student, target)
+    log_s, log_t = F.log_softmax(student, -1), F.log_softmax(target, -1)
+    if direction == "forward":
+        return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    return (log_s.exp() * (log_s - log_t)).sum(-1).mean()
+
+
+# -----------------------------------------------------------------------------
+# Images
+
+
+@torch.no_grad()
+def decode_images(model, codes):
+    """Codes [B, N] -> uint8 pixels [B, H, W, 3]."""
+    pixels = model.decode_image_tokens(codes).float()
+    return ((pixels.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).cpu()
+
+
+def image_grid(rows, row_labels, column_labels=None, cell=128):
+    """rows: list of uint8 [K, H, W, 3] tensors -> one labelled PIL image, one row per entry."""
+    from PIL import Image, ImageDraw
+
+    label_width, header = 170, (14 if column_labels else 0)
+    columns = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_width + columns * (cell + 2), header + len(rows) * (cell + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(column_labels or []):
+        draw.text((label_width + c * (cell + 2) + 2, 1), str(text)[:24], fill="black")
+    for r, (images, label) in enumerate(zip(rows, row_labels)):
+        y = header + r * (cell + 2)
+        draw.text((4, y + cell // 2 - 6), str(label)[:28], fill="black")
+        for c, image in enumerate(images):
+            picture = Image.fromarray(image.numpy()).resize((cell, cell), Image.NEAREST)
+            grid.paste(picture, (label_width + c * (cell + 2), y))
+    return grid
+
+
+def save_atomic(path, write):
+    """write(tmp_path), fsync, then rename over path: a crash never leaves a half-written file at path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: membranes alone, as safetensors, with the run's whole config in the metadata
+
+
+def save_membranes(path, membranes, config, step):
+    from safetensors.torch import save_file
+
+    metadata = {"format": "spm-janus", "config": json.dumps(config), "model": str(config.get("model")),
+                "modules": json.dumps(membranes.names), "rank": str(membranes.rank), "alpha": str(membranes.alpha),
+                "scope": membranes.scope, "concepts": json.dumps(config.get("concept")), "step": str(step)}
+    tensors = membranes.state_dict()
+    save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_checkpoint(path):
+    """(tensors, metadata with 'config' parsed) from a membranes file; one-line errors for bad files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SPMError(f"--ckpt {path} does not exist: pass the membranes.safetensors of a run", 2)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise SPMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
+                       f"it may be truncated or corrupt", 1) from None
+    try:
+        metadata["config"] = json.loads(metadata["config"])
+        metadata["modules"] = json.loads(metadata["modules"])
+    except (KeyError, ValueError):
+        raise SPMError(f"{path}: missing or invalid spm-janus metadata (config/modules)", 1) from None
+    return tensors, metadata
+
+
+def load_membranes(path, model, tokenizer):
+    """Rebuild the membranes of a checkpoint on `model` and load their weights. Returns (membranes, metadata)."""
+    tensors, metadata = read_checkpoint(path)
+    config = metadata["config"]
+    num_layers = model.config.text_config.num_hidden_layers
+    for name in metadata["modules"]:
+        if not name.startswith("model.language_model.layers.") or int(name.split(".")[3]) >= num_layers:
+            raise SPMError(f"{path}: module {name} does not exist in this model (it has {num_layers} layers): "
+                           f"the checkpoint was made for another model ({config.get('model')})", 1)
+    membranes = Membranes(model, metadata["modules"], int(metadata["rank"]), float(metadata["alpha"]),
+                          metadata["scope"], special_ids(tokenizer)["boi"])
+    try:
+        membranes.load_state_dict(tensors, source=str(path))
+    except SPMError:
+        membranes.detach()
+        raise
+    return membranes, metadata
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def known_concepts(tokenizer, concepts):
+    """The concepts the tokenizer can spell without <unk> (a word-level toy vocabulary lacks most words)."""
+    unk = tokenizer.unk_token_id
+    return [c for c in concepts if unk is None or unk not in tokenizer(c, add_special_tokens=False).input_ids]
+
+
+def concept_token_positions(tokenizer, input_ids, concept):
+    """Columns of the concept's tokens (last occurrence) in each prompt row [T]; [] where it is not found."""
+    concept_ids = tokenizer(f" {concept}", add_special_tokens=False).input_ids
+    n, result = len(concept_ids), []
+    for row in input_ids.tolist():
+        hits = [i for i in range(len(row) - n, -1, -1) if row[i:i + n] == concept_ids]
+        result.append(list(range(hits[0], hits[0] + n)) if hits else [])
+    return result
+
+
+def latent_anchor_embeds(cond_embeds, columns, generator):
+    """SPM's latent anchoring in the LLM's input-embedding space: at `columns` of each row, the concept's token
+    embeddings become random vectors of 0.8-1.2x their norm, each accepted with probability 1 - cos(concept, noise)."""
+    anchors = cond_embeds.detach().clone()
+    for row, cols in enumerate(columns):
+        for col in cols:
+            target = cond_embeds[row, col].detach().float().cpu()
+            while True:
+                noise = torch.randn(target.shape, generator=generator)
+                noise = noise / noise.norm() * target.norm() * (0.8 + 0.4 * torch.rand((), generator=generator))
+                if torch.rand((), generator=generator) < 1 - F.cosine_similarity(target, noise, 0):
+                    break
+            anchors[row, col] = noise.to(anchors)
+    return anchors
+
+
+def batched_image_logits(model, parts):
+    """One teacher-forced pass over several row groups [(embeds, mask, codes), ...] of one prompt length."""
+    embeds, mask, codes = (torch.cat([p[i] for p in parts]) for i in range(3))
+    return image_logits(model, embeds, mask, codes).split([p[0].shape[0] for p in parts])
+
+
+class Trainer:
+    """One erasure run: step() = rollout without grad, one teacher-forced pass, loss, optimiser step."""
+
+    def __init__(self, model, tokenizer, membranes, args, first_index=0):
+        self.model, self.tokenizer, self.membranes, self.args = model, tokenizer, membranes, args
+        self.device = next(model.parameters()).device
+        self.embed = model.get_input_embeddings()
+        self.context = model.config.text_config.max_position_embeddings - model.config.vision_config.num_image_tokens
+        self.num_tokens = model.config.vision_config.num_image_tokens
+        self.first_index = first_index  # global index of this process' first sample (data parallel)
+        self.optimizer = torch.optim.AdamW(membranes.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        warmup, total = max(args.warmup, 0), max(args.steps, 1)
+
+        def schedule(step):  # linear warm-up, then cosine down to 10%
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step_count = 0
+
+    def _pick(self, generator, concepts):
+        """batch_size (concept, template) pairs."""
+        args = self.args
+        return [(concepts[int(torch.randint(len(concepts), (), generator=generator))],
+                 args.templates[int(torch.randint(len(args.templates), (), generator=generator))])
+                for _ in range(args.batch_size)]
+
+    def _distribution(self, logits, name):
+        """What the loss compares: raw conditional logits, or the CFG-combined, tempered ones that are sampled."""
+        if self.args.loss_on == "cond":
+            return logits[name]
+        combined = cfg_combine(logits[name], logits[f"{name}_uncond"], self.args.cfg)
+        return combined / self.args.temperature if self.args.temperature > 0 else combined
+
+    def step(self):
+        """One optimisation step; returns the metrics line as a dict."""
+        args, B, started = self.args, self.args.batch_size, time.time()
+        generator = torch.Generator().manual_seed(derived_seed(args.seed, self.step_count, self.first_index, "prompts"))
+        picks = self._pick(generator, args.concept)
+        prompts = [t.format(c) for c, t in picks]
+        if args.surrogate:
+            prompts += [t.format(args.surrogate) for c, t in picks]
+        if args.anchor == "prompts":
+            prompts += [t.format(c) for c, t in self._pick(generator, args.anchor_prompts)]
+        elif args.anchor == "latent":
+            prompts += prompts[:B]
+        # One tokenisation: every row shares the prompt length T, so the image positions line up.
+        input_ids, mask = encode_prompts(self.tokenizer, prompts, self.device, self.context)  # [R, T]
+        cond = self.embed(input_ids)  # [R, T, D]
+        uncond = self.embed(unconditional_ids(input_ids, self.tokenizer))  # the empty prompt of the same length
+        rows = {"concept": slice(0, B)}
+        if args.surrogate:
+            rows["surrogate"] = slice(B, 2 * B)
+        if args.anchor != "none":
+            rows["anchor"] = slice(len(prompts) - B, len(prompts))
+        if args.anchor == "latent":
+            anchor = rows["anchor"]
+            columns = [concept_token_positions(self.tokenizer, input_ids[anchor][i:i + 1], c)[0]
+                       for i, (c, _) in enumerate(picks)]
+            cond = cond.clone()
+            cond[anchor] = latent_anchor_embeds(cond[anchor], columns, generator)
+
+        # (a) rollouts of the concept (and anchor) prompts, without gradients, in one batch
+        sampled = [rows["concept"]] + ([rows["anchor"]] if "anchor" in rows else [])
+        index = torch.cat([torch.arange(len(prompts))[s] for s in sampled]).to(self.device)
+        uniforms = rollout_uniforms(args.seed, self.step_count, self.first_index, B, self.num_tokens, self.device)
+        if "anchor" in rows:
+            uniforms = torch.cat([uniforms, rollout_uniforms(args.seed, self.step_count, self.first_index + 10 ** 9,
+                                                             B, self.num_tokens, self.device)])
+        with self.membranes.switched(args.rollout == "student"):
+            codes = sample_codes(self.model, cond[index], uncond[index], mask[index], args.cfg, args.temperature,
+                                 uniforms).split(B)
+        rollout_codes = {"concept": codes[0], "surrogate": codes[0], "anchor": codes[-1]}
+        rollout_seconds = time.time() - started
+
+        # (b) the groups each side needs; the empty surrogate is the unconditional prompt itself
+        def part(name):
+            base, uncond_row = name.removesuffix("_uncond"), name.endswith("_uncond")
+            if base == "surrogate" and "surrogate" not in rows:
+                base, uncond_row = "concept", True
+            s = rows[base]
+            return ((uncond if uncond_row else cond)[s], mask[s], rollout_codes[base])
+
+        on_cfg = args.loss_on == "cfg"
+        student_names = ["concept"] + (["anchor"] if "anchor" in rows else [])
+        student_names += [f"{n}_uncond" for n in student_names] if on_cfg else []
+        teacher_names = ["concept", "surrogate"] + (["anchor"] if "anchor" in rows else [])
+        teacher_names += [f"{n}_uncond" for n in teacher_names if n != "surrogate"] if on_cfg else []
+        teacher_names += ["surrogate_uncond"] if on_cfg and "surrogate" in rows else []
+        with torch.no_grad(), self.membranes.disabled():
+            teacher = dict(zip(teacher_names, batched_image_logits(self.model, [part(n) for n in teacher_names])))
+        student = dict(zip(student_names, batched_image_logits(self.model, [part(n) for n in student_names])))
+
+        # (c) the erasure target t = l(surrogate) - eta * (l(concept) - l(surrogate)), and the loss
+        teacher_concept, teacher_surrogate = self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate")
+        target = teacher_surrogate - args.eta * (teacher_concept - teacher_surrogate)
+        erase = divergence(self._distribution(student, "concept"), target, args.loss, args.kl_direction)
+        anchor_loss = torch.zeros((), device=erase.device)
+        if "anchor" in rows:
+            anchor_loss = divergence(self._distribution(student, "anchor"), self._distribution(teacher, "anchor"),
+                                     "kl", args.kl_direction)
+        loss = erase + args.anchor_weight * anchor_loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.reduce_gradients()
+        grads = [p.grad for p in self.membranes.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.membranes.parameters(), args.grad_clip or float("inf"))
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)) and bool(grads)
+        if finite:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        return {"step": self.step_count, "loss": loss.item(), "erase": erase.item(), "anchor": anchor_loss.item(),
+                "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0], "finite": finite,
+                "rollout_s": round(rollout_seconds, 4), "step_s": round(time.time() - started, 4)}
+
+    def reduce_gradients(self):
+        """Average the membrane gradients over data-parallel processes (a no-op without torch.distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for p in self.membranes.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step_count, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+
+
+@torch.no_grad()
+def sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature):
+    """Codes [len(prompts), len(seeds), N]: each (prompt, seed) pair is sampled independently of the batch."""
+    input_ids, mask = encode_prompts(tokenizer, [p for p in prompts for _ in seeds], next(model.parameters()).device)
+    embed = model.get_input_embeddings()
+    num_tokens = model.config.vision_config.num_image_tokens
+    uniforms = torch.cat([rollout_uniforms(seed, 0, 0, 1, num_tokens) for _ in prompts for seed in seeds])
+    codes = sample_codes(model, embed(input_ids), embed(unconditional_ids(input_ids, tokenizer)), mask, cfg,
+                         temperature, uniforms.to(mask.device))
+    return codes.view(len(prompts), len(seeds), -1)
+
+
+def write_sample_grid(path, model, tokenizer, prompts, seeds, cfg, temperature, title=""):
+    codes = sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature)
+    rows = [decode_images(model, c) for c in codes]
+    grid = image_grid(rows, prompts, [f"{title} seed {s}" for s in seeds])
+    save_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Erase a visual concept from Janus-Pro with SPM membranes.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="deepseek-community/Janus-Pro-1B",
+                   help="hub id or local directory in transformers' Janus format; 'tiny' = random model built here; "
+                        "'toy' = the toy model trained here")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base weight dtype")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+
+    g = parser.add_argument_group("membranes")
+    g.add_argument("--layers", default="attn", choices=sorted(LAYER_CHOICES),
+                   help="attn = q,k,v,o projections; mlp = gate,up,down; attn+mlp = both")
+    g.add_argument("--modules", default=None,
+                   help="comma-separated subset of the --layers module names, e.g. q_proj,v_proj")
+    g.add_argument("--attn-layer-ids", default=None, help="decoder layers whose attention gets membranes, e.g. 0-5,9 "
+                                                          "(default: all)")
+    g.add_argument("--mlp-layer-ids", default=None, help="decoder layers whose MLP gets membranes (default: all)")
+    g.add_argument("--scope", default="image", choices=["image", "prompt", "all"],
+                   help="token positions the membranes act on: image-generation positions (from <begin_of_image>), "
+                        "the text-prompt positions (the 'text encoder' variant), or all")
+    g.add_argument("--rank", type=int, default=1, help="membrane rank (SPM: 1)")
+    g.add_argument("--alpha", type=float, default=1.0, help="delta scale is alpha / rank")
+
+    g = parser.add_argument_group("prompts")
+    g.add_argument("--concept", action="append", default=None, help="concept to erase; repeat for several")
+    g.add_argument("--templates", action="append", default=None,
+                   help="prompt template containing {}, or a file with one per line; repeatable "
+                        f"(default: {', '.join(repr(t) for t in DEFAULT_TEMPLATES)})")
+    g.add_argument("--surrogate", default="",
+                   help="what the concept is mapped to; '' = the model's own unconditional (all-pad) prompt, "
+                        "or a substitute such as 'real mouse'")
+    g.add_argument("--eta", type=float, default=1.0, help="negative-guidance strength g: t = sur - eta*(con - sur)")
+    g.add_argument("--cfg", type=float, default=None, help="CFG scale of rollouts (default: the model's, 5 for Janus-Pro)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature of rollouts (default: the model's, 1 for Janus-Pro)")
+
+    g = parser.add_argument_group("loss")
+    g.add_argument("--loss", default="kl", choices=["kl", "mse"], help="divergence on the logits of every image step")
+    g.add_argument("--kl-direction", default="forward", choices=["forward", "reverse"],
+                   help="forward = KL(target || student), reverse = KL(student || target)")
+    g.add_argument("--loss-on", default="cond", choices=["cond", "cfg"],
+                   help="raw conditional logits, or the CFG-combined distribution that is actually sampled")
+    g.add_argument("--rollout", default="student", choices=["student", "teacher"],
+                   help="who samples the image tokens: student (membranes on, on-policy) or teacher")
+
+    g = parser.add_argument_group("anchoring")
+    g.add_argument("--anchor", default="prompts", choices=["none", "latent", "prompts"],
+                   help="keep other concepts: none; latent = SPM's random prompt embeddings norm-matched to the "
+                        "concept; prompts = --anchor-prompts")
+    g.add_argument("--anchor-prompts", action="append", default=None,
+                   help="concept to keep; repeatable (default: a built-in list of common concepts minus the erased ones)")
+    g.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the anchor KL(teacher || student)")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=200, help="optimisation steps")
+    g.add_argument("--batch-size", type=int, default=4, help="concept rollouts per step (per process)")
+    g.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompts, rollouts and anchors")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default=None, help="run directory (default: runs/<concept>)")
+    g.add_argument("--save-every", type=int, default=50, help="save a checkpoint every K steps (0 = only at the end)")
+    g.add_argument("--sample-every", type=int, default=50,
+                   help="write a PNG grid at step 0, every K steps and at the end (0 = never)")
+    g.add_argument("--sample-prompts", action="append", default=None,
+                   help="unrelated test prompts for the grids (default: three anchor concepts)")
+    g.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="allow --out to hold a different run")
+    return parser
+
+
+def read_templates(values):
+    templates = []
+    for value in values or DEFAULT_TEMPLATES:
+        lines = Path(value).read_text().splitlines() if "{}" not in value and Path(value).is_file() else [value]
+        templates += [t.strip() for t in lines if t.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise SPMError(f"--templates {bad[0]!r} has no {{}} for the concept: write it like 'a photo of a {{}}'", 2)
+    return templates
+
+
+def check_args(args):
+    """Everything that can be checked before a model is loaded."""
+    if not args.concept or any(not c.strip() for c in args.concept):
+        raise SPMError("--concept is empty: name the concept to erase, e.g. --concept mouse", 2)
+    if args.surrogate.strip() in [c.strip() for c in args.concept]:
+        raise SPMError(f"--surrogate {args.surrogate!r} equals the concept: use '' or a substitute such as "
+                       f"'real {args.concept[0]}'", 2)
+    if args.rank < 1:
+        raise SPMError(f"--rank {args.rank} must be at least 1", 2)
+    if args.steps < 1:
+        raise SPMError(f"--steps {args.steps} must be at least 1", 2)
+    if args.batch_size < 1:
+        raise SPMError(f"--batch-size {args.batch_size} must be at least 1", 2)
+    if args.modules:
+        args.modules = [m.strip() for m in args.modules.split(",")] if isinstance(args.modules, str) else args.modules
+        unknown = [m for m in args.modules if m not in LAYER_CHOICES[args.layers]]
+        if unknown:
+            raise SPMError(f"--modules {unknown[0]!r} is not a module of --layers {args.layers}: choose from "
+                           f"{','.join(LAYER_CHOICES[args.layers])}", 2)
+    args.templates = read_templates(args.templates)
+    args.out = args.out or os.path.join("runs", "_".join(c.replace(" ", "-") for c in args.concept))
+
+
+def prepare_out_dir(args):
+    """The run directory; refuses one that holds a different run unless --resume or --overwrite."""
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SPMError(f"--out {out} cannot be written ({e.strerror}): choose another directory", 2) from None
+    if (out / CHECKPOINT_NAME).exists() and not args.resume and not args.overwrite:
+        raise SPMError(f"--out {out} already holds a run: pass --resume {out} to continue it, --overwrite to "
+                       f"replace it, or another --out", 2)
+    return out
+
+
+def save_run(out, trainer, config, rank_zero=True):
+    if not rank_zero:
+        return
+    save_membranes(out / CHECKPOINT_NAME, trainer.membranes, config, trainer.step_count)
+    state = trainer.state_dict()
+    save_atomic(out / STATE_NAME, lambda tmp: torch.save(state, tmp))
+
+
+def train(args):
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    resume_config = None
+    if args.resume:
+        resume_path = Path(args.resume) / CHECKPOINT_NAME
+        resume_config = read_checkpoint(resume_path)[1]["config"]
+        changed = [k for k in METHOD_KEYS if k in resume_config and resume_config[k] != getattr(args, k)]
+        if changed:
+            k = changed[0]
+            raise SPMError(f"--resume {args.resume}: --{k.replace('_', '-')} was {resume_config[k]!r} in that run, "
+                           f"now {getattr(args, k)!r}; resume with the same method flags (only --steps may change)", 2)
+        args.out = args.resume
+    config = load_config(args.model)
+    membrane_targets(config.text_config.num_hidden_layers, args.layers, args.modules, args.attn_layer_ids,
+                     args.mlp_layer_ids)  # bad layer ids fail here, before any weights load
+    out = prepare_out_dir(args)
+
+    model, tokenizer = load_model(args.model, args.dtype, device)
+    default_cfg, default_temperature = generation_defaults(model)
+    args.cfg = default_cfg if args.cfg is None else args.cfg
+    args.temperature = default_temperature if args.temperature is None else args.temperature
+    unknown = [c for c in args.concept if c not in known_concepts(tokenizer, [c])]
+    if unknown:
+        raise SPMError(f"--concept {unknown[0]!r} is not in this model's vocabulary: choose another word", 2)
+    if args.anchor == "prompts":
+        if args.anchor_prompts is None:
+            args.anchor_prompts = [c for c in known_concepts(tokenizer, COMMON_CONCEPTS) if c not in args.concept]
+        if not args.anchor_prompts:
+            raise SPMError("--anchor prompts needs --anchor-prompts: name concepts to keep, e.g. "
+                           "--anchor-prompts cat --anchor-prompts car", 2)
+    context = model.config.text_config.max_position_embeddings - model.config.vision_config.num_image_tokens
+    for prompt in [t.format(c) for c in args.concept + [args.surrogate] + (args.anchor_prompts or [])
+                   for t in args.templates]:
+        encode_prompts(tokenizer, [prompt], device, context)
+
+    membranes = attach_membranes(model, tokenizer, args.layers, args.modules, args.attn_layer_ids,
+                                 args.mlp_layer_ids, args.rank, args.alpha, args.scope)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    trainer = Trainer(model, tokenizer, membranes, args, first_index=rank * args.batch_size)
+    config = {k: v for k, v in vars(args).items()}
+    if args.resume:
+        tensors, _ = read_checkpoint(Path(args.resume) / CHECKPOINT_NAME)
+        membranes.load_state_dict(tensors, source=str(Path(args.resume) / CHECKPOINT_NAME))
+        trainer.load_state_dict(torch.load(Path(args.resume) / STATE_NAME, weights_only=True))
+    rank_zero = rank == 0
+    sample_prompts_ = args.sample_prompts or [f"a {c}" for c in args.concept] + \
+        [f"a {c}" for c in (args.anchor_prompts or known_concepts(tokenizer, COMMON_CONCEPTS))[:3]
+         if c not in args.concept]
+    sample_seeds = [0, 1, 2, 3]
+
+    def write_grid():
+        if rank_zero and args.sample_every:
+            path = out / "samples" / f"step_{trainer.step_count:06d}.png"
+            path.parent.mkdir(exist_ok=True)
+            write_sample_grid(path, model, tokenizer, sample_prompts_, sample_seeds, args.cfg, args.temperature,
+                              f"step {trainer.step_count}")
+
+    print(f"{len(membranes.names)} membranes, {membranes.num_parameters()} parameters "
+          f"({100 * membranes.num_parameters() / sum(p.numel() for p in model.parameters()):.4f}% of the model), "
+          f"scope {args.scope}, cfg {args.cfg}, temperature {args.temperature}, out {out}")
+    if trainer.step_count == 0:
+        write_grid()
+    from tqdm import tqdm
+
+    progress = tqdm(range(trainer.step_count, args.steps), initial=trainer.step_count, total=args.steps,
+                    disable=not rank_zero, dynamic_ncols=True)
+    metrics_file = open(out / "metrics.jsonl", "a") if rank_zero else None
+    try:
+        for _ in progress:
+            metrics = trainer.step()
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", erase=f"{metrics['erase']:.4f}",
+                                 anchor=f"{metrics['anchor']:.4f}")
+            if metrics_file:
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+            step = trainer.step_count
+            if args.save_every and step % args.save_every == 0 and step < args.steps:
+                save_run(out, trainer, config, rank_zero)
+            if args.sample_every and step % args.sample_every == 0 and step < args.steps:
+                write_grid()
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    save_run(out, trainer, config, rank_zero)
+    write_grid()
+    if rank_zero:
+        print(f"saved {out / CHECKPOINT_NAME} at step {trainer.step_count}")
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except SPMError as e:
+        print(f"spm_janus.py: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
