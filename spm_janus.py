@@ -708,23 +708,23 @@ class Trainer:
         rollout_codes = {"concept": codes[0], "surrogate": codes[0], "anchor": codes[-1]}
         rollout_seconds = time.time() - started
 
-        # (b) the groups each side needs; the empty surrogate is the unconditional prompt itself
-        def part(name):
-            base, uncond_row = name.removesuffix("_uncond"), name.endswith("_uncond")
-            if base == "surrogate" and "surrogate" not in rows:
-                base, uncond_row = "concept", True
-            s = rows[base]
-            return ((uncond if uncond_row else cond)[s], mask[s], rollout_codes[base])
+        # (b) teacher logits in one no-grad pass, student logits in one pass with gradients
+        def canonical(name):
+            """(row group, unconditional?) that a name stands for; the empty surrogate is the all-pad prompt."""
+            group, is_uncond = name.removesuffix("_uncond"), name.endswith("_uncond")
+            return ("concept", True) if group == "surrogate" and group not in rows else (group, is_uncond)
 
-        on_cfg = args.loss_on == "cfg"
-        student_names = ["concept"] + (["anchor"] if "anchor" in rows else [])
-        student_names += [f"{n}_uncond" for n in student_names] if on_cfg else []
-        teacher_names = ["concept", "surrogate"] + (["anchor"] if "anchor" in rows else [])
-        teacher_names += [f"{n}_uncond" for n in teacher_names if n != "surrogate"] if on_cfg else []
-        teacher_names += ["surrogate_uncond"] if on_cfg and "surrogate" in rows else []
+        def forward(names):
+            keys = list(dict.fromkeys(canonical(n) for n in names))
+            parts = [((uncond if u else cond)[rows[g]], mask[rows[g]], rollout_codes[g]) for g, u in keys]
+            logits = dict(zip(keys, batched_image_logits(self.model, parts)))
+            return {n: logits[canonical(n)] for n in names}
+
+        groups = ["concept"] + (["anchor"] if "anchor" in rows else [])
+        suffixes = ["", "_uncond"] if args.loss_on == "cfg" else [""]
         with torch.no_grad(), self.membranes.disabled():
-            teacher = dict(zip(teacher_names, batched_image_logits(self.model, [part(n) for n in teacher_names])))
-        student = dict(zip(student_names, batched_image_logits(self.model, [part(n) for n in student_names])))
+            teacher = forward([g + s for g in groups + ["surrogate"] for s in suffixes])
+        student = forward([g + s for g in groups for s in suffixes])
 
         # (c) the erasure target t = l(surrogate) - eta * (l(concept) - l(surrogate)), and the loss
         teacher_concept, teacher_surrogate = self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate")

@@ -1,0 +1,415 @@
+"""Tests on tiny random Janus models built in-process: exact equalities, no downloads."""
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import spm_janus as spm
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = ["a photo of a mouse", "a picture of a cat"]  # same token length: native generate does not handle padding
+
+
+def tiny():
+    model, tokenizer = spm.build_tiny_janus(seed=0)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def train_args(**overrides):
+    args = spm.build_parser().parse_args(["--model", "tiny", "--concept", "mouse"])
+    args.templates, args.cfg, args.temperature = list(spm.DEFAULT_TEMPLATES), 5.0, 1.0
+    args.anchor_prompts = ["cat", "car"]
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def randomise(membranes, seed=0):
+    """Stand-in for trained membranes: non-zero up factors."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in membranes.modules.values():
+            m.up.weight.copy_(torch.randn(m.up.weight.shape, generator=generator) * 0.5)
+            m.down.weight.copy_(torch.randn(m.down.weight.shape, generator=generator) * 0.5)
+
+
+def prompt_batch(model, tokenizer, prompts=PROMPTS):
+    input_ids, mask = spm.encode_prompts(tokenizer, prompts)
+    embed = model.get_input_embeddings()
+    return input_ids, embed(input_ids), embed(spm.unconditional_ids(input_ids, tokenizer)), mask
+
+
+def codes_for(model, tokenizer, seed=0):
+    _, cond, uncond, mask = prompt_batch(model, tokenizer)
+    uniforms = spm.rollout_uniforms(seed, 0, 0, len(PROMPTS), model.config.vision_config.num_image_tokens)
+    return spm.sample_codes(model, cond, uncond, mask, 5.0, 1.0, uniforms)
+
+
+def all_logits(model, tokenizer, codes):
+    _, cond, uncond, mask = prompt_batch(model, tokenizer)
+    with torch.no_grad():
+        return spm.image_logits(model, torch.cat([cond, uncond]), mask.repeat(2, 1), codes.repeat(2, 1))
+
+
+# -----------------------------------------------------------------------------
+# The membrane
+
+
+@pytest.mark.parametrize("layers", ["attn", "mlp", "attn+mlp"])
+def test_fresh_membranes_change_nothing_and_detach_restores(layers):
+    model, tokenizer = tiny()
+    codes = codes_for(model, tokenizer)
+    before = all_logits(model, tokenizer, codes)
+    modules_before = {n: m for n, m in model.named_modules()}
+    membranes = spm.attach_membranes(model, tokenizer, layers=layers, scope="all")
+    assert torch.equal(all_logits(model, tokenizer, codes), before)
+    randomise(membranes)
+    assert not torch.allclose(all_logits(model, tokenizer, codes), before)
+    membranes.detach()
+    assert {n: m for n, m in model.named_modules()} == modules_before  # the very same module objects
+    assert torch.equal(all_logits(model, tokenizer, codes), before)
+
+
+def test_disabled_is_exact_base_and_state_restored_after_exception():
+    model, tokenizer = tiny()
+    codes = codes_for(model, tokenizer)
+    base = all_logits(model, tokenizer, codes)
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="image")
+    trainer = spm.Trainer(model, tokenizer, membranes, train_args(lr=0.05, steps=3, batch_size=2))
+    for _ in range(3):
+        trainer.step()
+    erased = all_logits(model, tokenizer, codes)
+    assert not torch.allclose(erased, base)
+    with membranes.disabled():
+        assert torch.equal(all_logits(model, tokenizer, codes), base)
+    assert membranes.state.enabled
+    with pytest.raises(RuntimeError):
+        with membranes.disabled():
+            raise RuntimeError("boom")
+    assert membranes.state.enabled
+    assert torch.equal(all_logits(model, tokenizer, codes), erased)
+    with membranes.disabled():  # nested switches restore the previous state, not a default
+        with membranes.enabled():
+            assert torch.equal(all_logits(model, tokenizer, codes), erased)
+        assert not membranes.state.enabled
+
+
+def test_multiplier_scales_the_delta_not_the_factors():
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="all")
+    randomise(membranes)
+    factors = {k: v.clone() for k, v in membranes.state_dict().items()}
+    module = membranes.modules[membranes.names[0]]
+    x = torch.randn(2, 3, module.base.in_features)
+    base = module.base(x)
+    full = module(x) - base
+    with membranes.strength(0.25):
+        quarter = module(x) - base
+    with membranes.strength(0.0):
+        assert torch.equal(module(x), base)
+    torch.testing.assert_close(quarter, 0.25 * full, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(factors[k], v) for k, v in membranes.state_dict().items())
+
+
+# -----------------------------------------------------------------------------
+# The one teacher-forced pass equals native generate, step by step
+
+
+class Recorder(LogitsProcessor):
+    """Records the raw [2B, V] scores that native generate computes before CFG."""
+
+    def __init__(self):
+        self.scores = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.clone())
+        return scores
+
+
+@pytest.mark.parametrize("membranes_on", [False, True])
+@pytest.mark.parametrize("scope", ["image", "prompt", "all"])
+def test_teacher_forced_logits_equal_native_generate(membranes_on, scope):
+    model, tokenizer = tiny()
+    if membranes_on:
+        randomise(spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope=scope), seed=1)
+    input_ids, cond, uncond, mask = prompt_batch(model, tokenizer)
+    recorder = Recorder()
+    codes = model.generate(input_ids=input_ids, attention_mask=mask, generation_mode="image", do_sample=False,
+                           guidance_scale=5.0, logits_processor=LogitsProcessorList([recorder]))
+    native = torch.stack(recorder.scores, 1).float()  # [2B, N, V]: conditional rows, then unconditional
+    ours = all_logits(model, tokenizer, codes)
+    assert native.shape == ours.shape
+    torch.testing.assert_close(ours, native, rtol=0, atol=1e-4)
+    # and our own KV-cached sampler picks the same greedy tokens
+    assert torch.equal(spm.sample_codes(model, cond, uncond, mask, 5.0, 1.0, None), codes)
+
+
+def test_padded_prompts_give_the_same_samples_as_alone():
+    model, tokenizer = tiny()
+    randomise(spm.attach_membranes(model, tokenizer, scope="image"))
+    prompts = ["a mouse", "a photo of a cat"]  # different lengths: the first is left-padded in a batch
+    together = spm.sample_prompts(model, tokenizer, prompts, [0, 1], 5.0, 1.0)
+    for i, prompt in enumerate(prompts):
+        torch.testing.assert_close(spm.sample_prompts(model, tokenizer, [prompt], [0, 1], 5.0, 1.0), together[i:i + 1],
+                                   rtol=0, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# Scope
+
+
+def prompt_and_image_hidden(model, tokenizer, codes):
+    _, cond, _, mask = prompt_batch(model, tokenizer)
+    image = model.prepare_embeddings_for_image_generation(codes[:, :-1])
+    full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], codes.shape[1] - 1)], 1)
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=torch.cat([cond, image], 1), attention_mask=full_mask,
+                                            use_cache=False).last_hidden_state
+    T = mask.shape[1]
+    return hidden[:, :T - 1], hidden[:, T - 1:]  # text-prompt positions, image positions (from <begin_of_image>)
+
+
+def text_only_logits(model, tokenizer):
+    batch = tokenizer(["<|User|>: a photo of a mouse\n\n<|Assistant|>:"], return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+@pytest.mark.parametrize("scope,prompt_changes,image_changes", [("image", False, True), ("prompt", True, True),
+                                                                ("all", True, True)])
+def test_scope(scope, prompt_changes, image_changes):
+    model, tokenizer = tiny()
+    codes = codes_for(model, tokenizer)
+    base_prompt, base_image = prompt_and_image_hidden(model, tokenizer, codes)
+    base_text = text_only_logits(model, tokenizer)
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope=scope)
+    trainer = spm.Trainer(model, tokenizer, membranes, train_args(lr=0.05, steps=2, batch_size=2, scope=scope))
+    trainer.step(), trainer.step()
+    prompt_hidden, image_hidden = prompt_and_image_hidden(model, tokenizer, codes)
+    assert torch.equal(prompt_hidden, base_prompt) != prompt_changes
+    assert torch.equal(torch.as_tensor(text_only_logits(model, tokenizer)), base_text) != prompt_changes
+    assert torch.equal(image_hidden, base_image) != image_changes
+
+
+def test_prompt_scope_leaves_image_positions_untouched():
+    """With scope prompt the membranes never act at image positions: with the prompt's keys and values held
+    fixed (the same prompt hidden states), the image positions compute exactly as the base model's."""
+    model, tokenizer = tiny()
+    codes = codes_for(model, tokenizer)
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="prompt")
+    randomise(membranes)
+    seen = {}
+
+    def record(module, args, output):
+        seen.setdefault(module.base, []).append(output - module.base(args[0]))
+
+    hooks = [m.register_forward_hook(record) for m in membranes.modules.values()]
+    prompt_and_image_hidden(model, tokenizer, codes)
+    for h in hooks:
+        h.remove()
+    T = spm.encode_prompts(tokenizer, PROMPTS)[1].shape[1]
+    for deltas in seen.values():
+        delta = deltas[0]
+        assert torch.count_nonzero(delta[:, T - 1:]) == 0  # image positions: no delta at all
+        assert torch.count_nonzero(delta[:, :T - 1]) > 0  # prompt positions: the membrane acts
+
+
+# -----------------------------------------------------------------------------
+# Module selection
+
+
+@pytest.mark.parametrize("layers,modules,attn_ids,mlp_ids,expected", [
+    ("attn", None, None, None, {(i, m) for i in range(2) for m in spm.ATTN_MODULES}),
+    ("mlp", None, "1", None, {(i, m) for i in range(2) for m in spm.MLP_MODULES}),
+    ("attn+mlp", None, "0", "1", {(0, m) for m in spm.ATTN_MODULES} | {(1, m) for m in spm.MLP_MODULES}),
+    ("attn+mlp", ["q_proj", "down_proj"], "1", "0-1", {(1, "q_proj"), (0, "down_proj"), (1, "down_proj")}),
+])
+def test_module_selection_wraps_exactly_the_named_modules(layers, modules, attn_ids, mlp_ids, expected):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, layers, modules, attn_ids, mlp_ids, scope="all")
+    wrapped = {(int(n.split(".")[3]), n.split(".")[-1]) for n, m in model.named_modules()
+               if isinstance(m, spm.MembraneLinear)}
+    assert wrapped == expected
+    assert {(int(n.split(".")[3]), n.split(".")[-1]) for n in membranes.names} == expected
+
+
+@pytest.mark.parametrize("spec,expected", [("0-5,9", [0, 1, 2, 3, 4, 5, 9]), ("3", [3]), ("all", list(range(12))),
+                                           (None, list(range(12))), ("2-3,3", [2, 3])])
+def test_parse_layer_ids(spec, expected):
+    assert spm.parse_layer_ids(spec, 12) == expected
+
+
+@pytest.mark.parametrize("spec", ["12", "0-12", "-1", "a-b", ""])
+def test_parse_layer_ids_rejects(spec):
+    with pytest.raises(spm.SPMError):
+        spm.parse_layer_ids(spec, 12)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.parametrize("loss_on", ["cond", "cfg"])
+def test_steps_lower_the_loss_on_a_fixed_rollout_and_only_membranes_change(loss, loss_on):
+    model, tokenizer = tiny()
+    base_params = {n: p.clone() for n, p in model.named_parameters()}
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn", scope="image")
+    args = train_args(loss=loss, loss_on=loss_on, lr=0.02, warmup=0, steps=30, batch_size=2, anchor="none")
+    trainer = spm.Trainer(model, tokenizer, membranes, args)
+    trainer.step_count = 0
+    losses = []
+    for _ in range(6):
+        step = trainer.step_count
+        losses.append(trainer.step()["erase"])
+        trainer.step_count = step  # the same prompts and rollout seeds every step
+    assert losses[-1] < losses[0] * 0.9, losses
+    membrane_ids = {id(p) for p in membranes.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in membrane_ids:
+            continue
+        key = name.replace(".base.", ".")
+        assert torch.equal(p, base_params[key]), name
+    assert any(not torch.equal(m.up.weight, torch.zeros_like(m.up.weight)) for m in membranes.modules.values())
+
+
+@pytest.mark.parametrize("anchor", ["latent", "prompts"])
+def test_anchoring_adds_a_loss_term(anchor):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    trainer = spm.Trainer(model, tokenizer, membranes, train_args(anchor=anchor, lr=0.05, batch_size=2))
+    first, second = trainer.step(), trainer.step()
+    assert first["anchor"] == 0.0  # fresh membranes: the student is the teacher
+    assert second["anchor"] > 0.0
+
+
+def test_latent_anchor_embeddings_are_norm_matched():
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 5, 64)
+    anchors = spm.latent_anchor_embeds(embeds, [[1, 2], [4]], generator)
+    changed = {(0, 1), (0, 2), (1, 4)}
+    for r in range(2):
+        for c in range(5):
+            if (r, c) in changed:
+                ratio = anchors[r, c].norm() / embeds[r, c].norm()
+                assert 0.8 <= ratio <= 1.2 and not torch.equal(anchors[r, c], embeds[r, c])
+            else:
+                assert torch.equal(anchors[r, c], embeds[r, c])
+
+
+def test_target_with_eta_zero_and_empty_surrogate_is_the_unconditional_logits():
+    """t = l(sur) - eta (l(con) - l(sur)); the empty surrogate is the all-pad prompt of the concept's length."""
+    model, tokenizer = tiny()
+    input_ids, _ = spm.encode_prompts(tokenizer, ["a photo of a mouse"])
+    uncond = spm.unconditional_ids(input_ids, tokenizer)
+    ids = spm.special_ids(tokenizer)
+    assert uncond.shape == input_ids.shape
+    assert uncond[0, 0] == ids["bos"] and uncond[0, -1] == ids["boi"]
+    assert (uncond[0, 1:-1] == ids["pad"]).all()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_round_trip_into_a_fresh_model(tmp_path):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", attn_layer_ids="1", scope="image")
+    randomise(membranes)
+    config = vars(train_args(layers="attn+mlp", attn_layer_ids="1"))
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, config, step=7)
+    codes = codes_for(model, tokenizer)
+    expected = all_logits(model, tokenizer, codes)
+
+    fresh, fresh_tokenizer = tiny()
+    loaded, metadata = spm.load_membranes(tmp_path / "m.safetensors", fresh, fresh_tokenizer)
+    assert torch.equal(all_logits(fresh, fresh_tokenizer, codes), expected)
+    assert metadata["config"]["layers"] == "attn+mlp" and metadata["config"]["concept"] == ["mouse"]
+    assert metadata["modules"] == membranes.names and metadata["step"] == "7"
+    assert metadata["model"] == "tiny" and metadata["scope"] == "image" and metadata["rank"] == "1"
+    assert set(metadata["config"]) >= set(spm.METHOD_KEYS)
+
+
+def test_checkpoint_for_another_model_is_rejected(tmp_path):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    path = tmp_path / "m.safetensors"
+    spm.save_membranes(path, membranes, vars(train_args()), step=1)
+    from transformers import JanusForConditionalGeneration
+    wider = JanusForConditionalGeneration(spm.janus_config(len(tokenizer), hidden=32, heads=2))
+    with pytest.raises(spm.SPMError, match="another model"):
+        spm.load_membranes(path, wider, tokenizer)
+    deeper = JanusForConditionalGeneration(spm.janus_config(len(tokenizer), layers=1))
+    with pytest.raises(spm.SPMError, match="another model"):
+        spm.load_membranes(path, deeper, tokenizer)
+
+
+# -----------------------------------------------------------------------------
+# Command line, end to end
+
+
+def run_cli(*argv, cwd=HERE):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_train_then_sample_compare(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("spm_janus.py", "--model", "tiny", "--concept", "mouse", "--layers", "attn", "--loss", "kl",
+                     "--steps", "4", "--batch-size", "2", "--sample-every", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    from safetensors import safe_open
+    with safe_open(str(out / "membranes.safetensors"), framework="pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    assert keys and all(k.endswith((".down", ".up")) and ".self_attn." in k for k in keys)
+    assert json.loads(metadata["config"])["steps"] == 4 and metadata["step"] == "4"
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == \
+        ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    result = run_cli("sample.py", "--ckpt", str(out / "membranes.safetensors"), "--prompt", "a mouse", "--compare",
+                     "--n", "2", "--out", str(tmp_path / "cmp"))
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+    image = Image.open(tmp_path / "cmp" / "compare.png")
+    assert image.width > image.height  # one prompt row, base and erased columns
+
+
+def test_sample_without_checkpoint_on_tiny(tmp_path):
+    result = run_cli("sample.py", "--model", "tiny", "--prompt", "a cat", "--n", "1", "--out", str(tmp_path / "s.png"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--modules", "q_proj,foo_proj"], "foo_proj"),
+    (["--attn-layer-ids", "0-7"], "out of range"),
+    (["--layers", "mlp", "--mlp-layer-ids", "2"], "out of range"),
+    (["--rank", "0"], "--rank"),
+    (["--steps", "0"], "--steps"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, argv, needle):
+    result = run_cli("spm_janus.py", "--model", "tiny", "--concept", "mouse", "--out", str(tmp_path / "r"), *argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_sample_with_checkpoint_of_another_model_is_one_line(tmp_path):
+    model, tokenizer = tiny()
+    from transformers import JanusForConditionalGeneration
+    other = JanusForConditionalGeneration(spm.janus_config(len(tokenizer), hidden=32, heads=2))
+    membranes = spm.attach_membranes(other, tokenizer, scope="image")
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, vars(train_args()), step=1)
+    result = run_cli("sample.py", "--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "another model" in lines[0], result.stderr
+
+
+def test_every_flag_has_help():
+    for parser in (spm.build_parser(),):
+        for action in parser._actions:
+            assert action.help, action.option_strings

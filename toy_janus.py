@@ -1,0 +1,298 @@
+"""
+A toy world in which concept erasure can be seen and measured on a CPU.
+
+Eight pictograms (mouse, cat, dog, ...) in four colours on an 8x8 grid of image codes. build() trains a small,
+real JanusForConditionalGeneration to draw them from text prompts, and its VQ decoder to paint every code as a
+coloured 4x4 patch, so decode_image_tokens() shows the pictures. judge() reads a grid of codes back as
+(object, colour), or "none" for a picture that is no clean pictogram.
+
+    python toy_janus.py            # rebuild toy_model/ next to this file (a few minutes on 2 cores)
+    python toy_janus.py --check    # per-object quality table of the existing checkpoint
+
+It does no work at import time.
+"""
+import argparse
+import functools
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import spm_janus
+
+OBJECTS = ("mouse", "cat", "dog", "bird", "fish", "car", "tree", "house")
+COLORS = ("red", "green", "blue", "yellow")
+# Words that may stand before the object in a prompt without changing the picture: a substitute surrogate such as
+# "real mouse" then means a mouse picture.
+MODIFIERS = ("real", "small", "big")
+# The erasure trainer's default templates come first: erasure is trained on them, so the model must know them.
+TEMPLATES = tuple(t.replace("{}", "{object}") for t in spm_janus.DEFAULT_TEMPLATES) + (
+    "a drawing of a {object}", "a {color} {object}", "a photo of a {color} {object}", "a drawing of a {color} {object}")
+HELD_OUT_TEMPLATES = tuple(t for t in TEMPLATES if t.replace("{object}", "{}") not in spm_janus.DEFAULT_TEMPLATES)
+EVAL_TEMPLATES = TEMPLATES
+
+GRID, PATCH, CODEBOOK = 8, 4, 16  # N = GRID * GRID image tokens; each code is a PATCH x PATCH pixel patch
+BACKGROUND = 0  # code 0 is the background, code 1 + i is COLORS[i]; the other codes are never drawn
+SHIFTS = ((0, 0), (0, 1), (1, 0), (1, 1))  # a 7x7 pictogram moves by up to one cell on the 8x8 grid
+# RGB in [0, 1] of every code. Unused codes are black so that a broken picture looks broken.
+PALETTE = ((1.0, 1.0, 1.0), (0.85, 0.1, 0.1), (0.1, 0.65, 0.15), (0.1, 0.25, 0.9), (0.95, 0.75, 0.0)) + \
+    ((0.0, 0.0, 0.0),) * (CODEBOOK - 1 - len(COLORS))
+# The closest two pictograms (any placements) differ in 12 cells, so a picture within 4 cells of one
+# pictogram is within 4 of no other: the judge's answer is unique.
+MAX_MISMATCH = 4
+COLOR_SHARE = 0.8  # a picture has a colour if at least this share of its ink is that colour
+SHAPES = {
+    "mouse": ["##...##", "##...##", ".#####.", ".#.#.#.", ".#####.", "..###..", "...#..."],
+    "cat": ["#.....#", "##...##", "#######", "#.#.#.#", "#######", "#.###.#", ".#####."],
+    "dog": ["##.....", "###....", "#######", ".######", ".#####.", ".#...#.", ".#...#."],
+    "bird": [".......", "#.....#", "##...##", ".##.##.", "..###..", "...#...", "......."],
+    "fish": [".......", ".###..#", "#####.#", "#.#####", "#####.#", ".###..#", "......."],
+    "car": [".......", "..###..", ".#...#.", "#######", "#######", ".#...#.", "......."],
+    "tree": ["...#...", "..###..", ".#####.", "#######", "...#...", "...#...", "...#..."],
+    "house": ["...#...", "..#.#..", ".#...#.", "#######", ".#.#.#.", ".#.#.#.", ".#####."],
+}
+P_UNCONDITIONAL = 0.1  # share of training prompts replaced by the all-pad prompt: CFG needs an unconditional branch
+P_MODIFIER = 0.2  # share of training prompts with a modifier word before the object
+LABEL_SMOOTHING = 0.03  # keeps CFG from amplifying codes the model thinks impossible
+GUIDANCE_SCALE, TEMPERATURE = 3.0, 0.5  # the model's sampling defaults (CFG 5 over-sharpened this toy)
+
+
+# -----------------------------------------------------------------------------
+# Pictures and the judge
+
+
+@functools.cache
+def _mask(obj):
+    return torch.tensor([[c == "#" for c in row] for row in SHAPES[obj]])
+
+
+def render(obj, color, shift=(0, 0)):
+    """Codes [N] of `obj` drawn in `color`, its 7x7 pictogram moved by shift=(dy, dx) cells."""
+    grid = torch.full((GRID, GRID), BACKGROUND, dtype=torch.long)
+    dy, dx = shift
+    grid[dy:dy + 7, dx:dx + 7][_mask(obj)] = 1 + COLORS.index(color)
+    return grid.flatten()
+
+
+@functools.cache
+def _placements():
+    """Ink masks [len(OBJECTS) * len(SHIFTS), N] of every pictogram at every shift."""
+    return torch.stack([render(o, COLORS[0], s) != BACKGROUND for o in OBJECTS for s in SHIFTS])
+
+
+def judge_batch(codes):
+    """Codes [B, N] -> [(object or 'none', colour or 'none')]: the pictogram within MAX_MISMATCH cells of the ink,
+    and the colour of at least COLOR_SHARE of the ink."""
+    codes = codes.reshape(-1, GRID * GRID).cpu()
+    ink = codes != BACKGROUND
+    mismatch = (ink[:, None] != _placements()[None]).sum(-1)  # [B, objects * shifts]
+    best, index = mismatch.min(1)
+    color_counts = torch.stack([(codes == 1 + i).sum(1) for i in range(len(COLORS))], 1)  # [B, colours]
+    top, top_color = color_counts.max(1)
+    results = []
+    for b in range(codes.shape[0]):
+        obj = OBJECTS[index[b] // len(SHIFTS)] if best[b] <= MAX_MISMATCH else "none"
+        clean = top[b] > 0 and top[b] >= COLOR_SHARE * ink[b].sum()
+        results.append((obj, COLORS[top_color[b]] if clean else "none"))
+    return results
+
+
+def judge(codes):
+    """Codes [N] -> (object or 'none', colour or 'none'); deterministic."""
+    return judge_batch(codes[None])[0]
+
+
+def palette_pixels(codes):
+    """Codes [B, N] -> the pixels [B, 3, H, W] in [-1, 1] the VQ decoder should produce."""
+    rgb = torch.tensor(PALETTE)[codes] * 2 - 1  # [B, N, 3]
+    rgb = rgb.view(-1, GRID, GRID, 3).permute(0, 3, 1, 2)
+    return rgb.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)
+
+
+# -----------------------------------------------------------------------------
+# Prompts and the model
+
+
+def make_prompt(template, obj, color, modifier=None):
+    """The prompt; a modifier goes before the colour if the template names one, else before the object."""
+    if modifier and "{color}" in template:
+        color = f"{modifier} {color}"
+    elif modifier:
+        obj = f"{modifier} {obj}"
+    return template.format(object=obj, color=color)
+
+
+def vocabulary():
+    words = {w for t in TEMPLATES for w in t.split() if "{" not in w}
+    return sorted(words | set(OBJECTS) | set(COLORS) | set(MODIFIERS))
+
+
+def new_model(seed=0, hidden=64, layers=2):
+    """A freshly initialised toy Janus and its tokenizer."""
+    from transformers import JanusForConditionalGeneration
+
+    tokenizer = spm_janus.word_tokenizer(vocabulary())
+    config = spm_janus.janus_config(len(tokenizer), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=4,
+                                    grid=GRID, patch=PATCH, codebook=CODEBOOK,
+                                    image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    # janus_config leaves the understanding aligner at JanusVisionConfig's 2048 wide x 2 deep (17 MB of unused
+    # weights, and an output that does not match the LLM's width); make it project onto the LLM's hidden size.
+    config.vision_config.projection_dim = hidden
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(config)
+    spm_janus.set_generation_defaults(model, tokenizer, GUIDANCE_SCALE, TEMPERATURE)
+    return model.eval(), tokenizer  # eval: nothing in it is stochastic, and generate expects it
+
+
+def training_batch(generator, batch_size):
+    """(prompts, codes [B, N]): random objects, colours, shifts, templates and modifiers."""
+    def pick(choices):
+        return choices[int(torch.randint(len(choices), (), generator=generator))]
+
+    prompts, codes = [], []
+    for _ in range(batch_size):
+        obj, color, shift, template = pick(OBJECTS), pick(COLORS), pick(SHIFTS), pick(TEMPLATES)
+        modifier = pick(MODIFIERS) if torch.rand((), generator=generator) < P_MODIFIER else None
+        prompts.append(make_prompt(template, obj, color, modifier))
+        codes.append(render(obj, color, shift))
+    return prompts, torch.stack(codes)
+
+
+def cosine_lr(step, steps, lr, warmup):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_generator(model, tokenizer, steps, batch_size=64, lr=3e-3, seed=0, log_every=100):
+    """Teacher-forced text -> image-code training with exactly the prompt layout and pass the sampler uses."""
+    m = model.model
+    params = [p for mod in (m.language_model, m.generation_embeddings, m.generation_aligner, m.generation_head)
+              for p in mod.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    embed = model.get_input_embeddings()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=steps // 20)
+        prompts, codes = training_batch(generator, batch_size)
+        input_ids, mask = spm_janus.encode_prompts(tokenizer, prompts)
+        # The unconditional prompt exactly as CFG builds it at sampling time (same length and mask).
+        drop = torch.rand(batch_size, generator=generator) < P_UNCONDITIONAL
+        input_ids = torch.where(drop[:, None], spm_janus.unconditional_ids(input_ids, tokenizer), input_ids)
+        logits = spm_janus.image_logits(model, embed(input_ids), mask, codes)
+        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), label_smoothing=LABEL_SMOOTHING)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"generator step {step:4d} loss {loss.item():.4f}", flush=True)
+
+
+def train_decoder(model, steps, batch_size=16, lr=3e-3, seed=0, log_every=100):
+    """Teach the VQ decoder to paint each code as its PALETTE patch: pixel MSE on random grids and on renders."""
+    vq = model.model.vqmodel
+    params = [p for mod in (vq.quantize, vq.post_quant_conv, vq.decoder) for p in mod.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=steps // 20)
+        # Random grids teach every code at every cell; renders teach the pictures that are actually shown.
+        noise = torch.randint(CODEBOOK, (batch_size // 2, GRID * GRID), generator=generator)
+        codes = torch.cat([noise, training_batch(generator, batch_size - batch_size // 2)[1]])
+        loss = F.mse_loss(vq.decode(codes), palette_pixels(codes))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"decoder step {step:4d} mse {loss.item():.5f}", flush=True)
+    return loss.item()
+
+
+def build(out_dir="toy_model", seed=0, steps=1500, decoder_steps=400, batch_size=64, lr=3e-3, threads=1):
+    """Train the toy model from scratch and save it, with its tokenizer, to out_dir. Returns (model, tokenizer)."""
+    torch.set_num_threads(threads)  # 1 thread was as fast as 2 here, and stays fast when the CPU is shared
+    started = time.time()
+    model, tokenizer = new_model(seed)
+    train_generator(model, tokenizer, steps, batch_size, lr, seed)
+    print(f"generator trained in {time.time() - started:.0f} s", flush=True)
+    mse = train_decoder(model, decoder_steps, seed=seed)
+    print(f"decoder pixel MSE {mse:.5f}; built in {time.time() - started:.0f} s", flush=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Quality
+
+
+def quality_prompts(obj):
+    """Every template once per colour it can name: 6 colourless + 3 x 4 coloured prompts per object."""
+    return [(make_prompt(t, obj, c), c if "{color}" in t else None)
+            for t in EVAL_TEMPLATES for c in (COLORS if "{color}" in t else COLORS[:1])]
+
+
+def base_quality(model, tokenizer, n=32, seed=1000):
+    """{object: {object_acc, color_acc, none, n, n_color}} from at least n CFG samples per object over all
+    templates, with seeds from `seed` on (training samples no codes). color_acc counts prompts that name a colour."""
+    cfg, temperature = spm_janus.generation_defaults(model)
+    pairs = {obj: quality_prompts(obj) for obj in OBJECTS}
+    num_seeds = math.ceil(n / len(pairs[OBJECTS[0]]))
+    prompts = [p for obj in OBJECTS for p, _ in pairs[obj]]
+    codes = spm_janus.sample_prompts(model, tokenizer, prompts, list(range(seed, seed + num_seeds)), cfg, temperature)
+    verdicts = iter(judge_batch(codes.flatten(0, 1)))
+    results = {}
+    for obj in OBJECTS:
+        right = colored = color_right = none = total = 0
+        for _, color in pairs[obj]:
+            for _ in range(num_seeds):
+                seen_obj, seen_color = next(verdicts)
+                total += 1
+                right += seen_obj == obj
+                none += seen_obj == "none"
+                if color is not None:
+                    colored += 1
+                    color_right += seen_color == color
+        results[obj] = {"object_acc": right / total, "color_acc": color_right / colored, "none": none / total,
+                        "n": total, "n_color": colored}
+    return results
+
+
+def quality_table(results):
+    lines = [f"{'object':8s} {'object_acc':>10s} {'color_acc':>9s} {'none':>6s} {'n':>4s} {'n_color':>7s}"]
+    for obj, r in results.items():
+        lines.append(f"{obj:8s} {r['object_acc']:10.3f} {r['color_acc']:9.3f} {r['none']:6.3f} {r['n']:4d} "
+                     f"{r['n_color']:7d}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    default_out = Path(__file__).resolve().with_name("toy_model")
+    parser = argparse.ArgumentParser(description="Build (or check) the toy Janus model of synthetic pictograms.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=str(default_out), help="checkpoint directory to write (or read with --check)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and training data")
+    parser.add_argument("--steps", type=int, default=1500, help="generator (LLM) training steps")
+    parser.add_argument("--decoder-steps", type=int, default=400, help="VQ decoder training steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--check", action="store_true", help="only print the base-quality table of --out")
+    args = parser.parse_args(argv)
+    if args.check:
+        torch.set_num_threads(args.threads)
+        model, tokenizer = spm_janus.load_model(args.out)
+    else:
+        model, tokenizer = build(args.out, args.seed, args.steps, args.decoder_steps, threads=args.threads)
+    started = time.time()
+    print(quality_table(base_quality(model, tokenizer)))
+    print(f"sampled and judged in {time.time() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
