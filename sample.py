@@ -24,7 +24,7 @@ def build_parser():
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="base weight dtype (default: the run's)")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = auto: 1 for models narrower than 512, else torch's default)")
 
     g = parser.add_argument_group("sampling")
     g.add_argument("--prompt", action="append", default=None,
@@ -62,10 +62,9 @@ def run(args):
     model_name = args.model or config.get("model")
     if not model_name:
         raise spm.SPMError("no model: pass --ckpt of a run, or --model (a hub id, a local directory, or tiny)", 2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = spm.load_model(model_name, args.dtype or config.get("dtype", "float32"),
-                                      spm.pick_device(args.device))
+    device = spm.pick_device(args.device)
+    spm.set_threads(args.threads, spm.load_config(model_name), device)
+    model, tokenizer = spm.load_model(model_name, args.dtype or config.get("dtype", "float32"), device)
     membranes = spm.load_membranes(args.ckpt, model, tokenizer)[0] if args.ckpt else None
     cfg, temperature = spm.generation_defaults(model)
     cfg = args.cfg if args.cfg is not None else cfg

@@ -352,6 +352,15 @@ def pick_device(device="auto"):
     return device
 
 
+def set_threads(threads, config, device):
+    """0 = auto: one CPU thread for narrow models, whose small matmuls gain nothing from more threads and slow
+    down many times over when another process loads the CPU; torch's default otherwise."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif device == "cpu" and config.text_config.hidden_size < 512:
+        torch.set_num_threads(1)
+
+
 def load_model(name, dtype="float32", device="cpu"):
     """Load (model, tokenizer) with every base weight frozen."""
     name = resolve_model(name)
@@ -804,7 +813,7 @@ def build_parser():
                         "'toy' = the toy model trained here")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base weight dtype")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = auto: 1 for models narrower than 512, else torch's default)")
 
     g = parser.add_argument_group("membranes")
     g.add_argument("--layers", default="attn", choices=sorted(LAYER_CHOICES),
@@ -931,8 +940,6 @@ def save_run(out, trainer, config, rank_zero=True):
 
 def train(args):
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     resume_config = None
     if args.resume:
@@ -945,6 +952,7 @@ def train(args):
                            f"now {getattr(args, k)!r}; resume with the same method flags (only --steps may change)", 2)
         args.out = args.resume
     config = load_config(args.model)
+    set_threads(args.threads, config, device)
     membrane_targets(config.text_config.num_hidden_layers, args.layers, args.modules, args.attn_layer_ids,
                      args.mlp_layer_ids)  # bad layer ids fail here, before any weights load
     out = prepare_out_dir(args)

@@ -11,6 +11,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import spm_janus as spm
 
+torch.set_num_threads(1)  # tiny matmuls: more threads only add contention
+
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["a photo of a mouse", "a picture of a cat"]  # same token length: native generate does not handle padding
 
