@@ -63,6 +63,7 @@ class MembraneState:
         self.enabled = True
         self.multiplier = 1.0  # float, or a tensor [B, 1, 1] for one strength per row
         self.gate = None  # None = every position; else float [B, L, 1] set by the language-model pre-hook
+        self.merged = False  # the delta is folded into the base weights
 
 
 class MembraneLinear(nn.Module):
@@ -80,12 +81,22 @@ class MembraneLinear(nn.Module):
     def forward(self, x):
         out = self.base(x)
         state = self.state
-        if not state.enabled:
+        if not state.enabled or state.merged:
             return out
         delta = self.up(self.down(x.to(self.down.weight.dtype)))
         if state.gate is not None:
             delta = delta * state.gate
-        return out + (delta * (state.multiplier * self.scale)).to(out.dtype)
+        delta = (delta * (state.multiplier * self.scale)).to(out.dtype)
+        if torch.is_grad_enabled():
+            return out + delta
+        return out.add_(delta)  # sampling: one op less, no new tensor
+
+    def merged_delta(self):
+        """multiplier * scale * up @ down, the [out, in] update that merging adds to W."""
+        multiplier = self.state.multiplier
+        if torch.is_tensor(multiplier):
+            raise SPMError("merge() needs one strength for every row, not a per-prompt tensor", 2)
+        return (self.up.weight @ self.down.weight) * (multiplier * self.scale)
 
 
 class Membranes:
@@ -136,9 +147,33 @@ class Membranes:
         gate = image if self.scope == "image" else ~image
         self.state.gate = gate[..., None].to(self.modules[self.names[0]].down.weight.dtype)
 
+    # -- folding the delta into W, for sampling at no extra cost --
+    def merge(self):
+        """W += delta for every membrane. Only for scope all: a gated delta is not a weight."""
+        if self.scope != "all":
+            raise SPMError(f"cannot merge membranes of scope {self.scope}: only scope all acts on every position "
+                           f"the way a weight does", 2)
+        if not self.state.merged:
+            with torch.no_grad():
+                for m in self.modules.values():
+                    weight = m.base.weight
+                    weight.copy_((weight.float() + m.merged_delta()).to(weight.dtype))
+            self.state.merged = True
+
+    def unmerge(self):
+        """W -= delta: the base weights as they were (to float rounding)."""
+        if self.state.merged:
+            with torch.no_grad():
+                for m in self.modules.values():
+                    weight = m.base.weight
+                    weight.copy_((weight.float() - m.merged_delta()).to(weight.dtype))
+            self.state.merged = False
+
     # -- on / off --
     @contextlib.contextmanager
     def switched(self, enabled: bool):
+        if self.state.merged and not enabled:
+            raise SPMError("the membranes are merged into the weights: unmerge() before switching them off", 2)
         previous = self.state.enabled
         self.state.enabled = enabled
         try:
@@ -192,6 +227,7 @@ class Membranes:
 
     def detach(self):
         """Remove the membranes: the model's module tree is exactly what it was before attaching."""
+        self.unmerge()
         for name, wrapper in self.modules.items():
             parent_name, _, attr = name.rpartition(".")
             holder, key = self.model.get_submodule(parent_name), attr

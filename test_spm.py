@@ -415,3 +415,30 @@ def test_every_flag_has_help():
     for parser in (spm.build_parser(),):
         for action in parser._actions:
             assert action.help, action.option_strings
+
+
+def test_merge_and_unmerge():
+    model, tokenizer = tiny()
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all")
+    randomise(membranes)
+    codes = codes_for(model, tokenizer)
+    unmerged = all_logits(model, tokenizer, codes)
+    membranes.merge()
+    torch.testing.assert_close(all_logits(model, tokenizer, codes), unmerged, rtol=0, atol=1e-4)
+    with pytest.raises(spm.SPMError, match="unmerge"):
+        with membranes.disabled():
+            pass
+    membranes.unmerge()
+    torch.testing.assert_close(all_logits(model, tokenizer, codes), unmerged, rtol=0, atol=1e-5)
+    membranes.detach()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, weights[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["image", "prompt"])
+def test_merge_is_refused_for_gated_scopes(scope):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope=scope)
+    with pytest.raises(spm.SPMError, match=f"scope {scope}"):
+        membranes.merge()
