@@ -16,8 +16,8 @@ import spm_janus as spm
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Sample Janus-Pro images with and without SPM membranes.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = spm.OneLineParser(prog="sample.py", description="Sample Janus-Pro images with and without SPM membranes.",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--ckpt", default=None, help="membranes.safetensors of a run (omit for plain Janus sampling)")
     g.add_argument("--model", default=None, help="base model; overrides the checkpoint's (required without --ckpt)")

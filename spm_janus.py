@@ -69,11 +69,14 @@ class MembraneState:
 class MembraneLinear(nn.Module):
     """y = base(x) + multiplier * (alpha / rank) * up(down(x)). Keeps the base Linear as is."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, state: MembraneState):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, state: MembraneState, generator=None):
         super().__init__()
         self.base = base
         self.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
         self.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        with torch.no_grad():  # nn.Linear's default bound, drawn from a seeded generator so runs repeat exactly
+            bound = 1 / math.sqrt(base.in_features)
+            self.down.weight.copy_(torch.rand(self.down.weight.shape, generator=generator) * 2 * bound - bound)
         nn.init.zeros_(self.up.weight)  # a fresh membrane is an exact no-op
         self.scale = alpha / rank
         self.state = state  # a plain object, not a submodule: it is shared by all membranes of the attachment
@@ -105,7 +108,7 @@ class Membranes:
     Disabled membranes make the model exactly the base model: that is the teacher.
     """
 
-    def __init__(self, model, names, rank=1, alpha=1.0, scope="image", boi_token_id=None):
+    def __init__(self, model, names, rank=1, alpha=1.0, scope="image", boi_token_id=None, seed=0):
         if scope not in ("image", "prompt", "all"):
             raise SPMError(f"unknown scope {scope!r}: use image, prompt or all", 2)
         if scope != "all" and boi_token_id is None:
@@ -117,7 +120,8 @@ class Membranes:
         for name in self.names:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            wrapper = MembraneLinear(getattr(parent, attr), rank, alpha, self.state)
+            generator = torch.Generator().manual_seed(derived_seed(seed, name))
+            wrapper = MembraneLinear(getattr(parent, attr), rank, alpha, self.state, generator)
             setattr(parent, attr, wrapper)
             self.modules[name] = wrapper
         self._in_image = None  # per row: did the running KV-cached generation reach the image part?
@@ -279,13 +283,13 @@ def membrane_targets(num_layers, layers="attn", modules=None, attn_layer_ids=Non
 
 
 def attach_membranes(model, tokenizer, layers="attn", modules=None, attn_layer_ids=None, mlp_layer_ids=None,
-                     rank=1, alpha=1.0, scope="image"):
+                     rank=1, alpha=1.0, scope="image", seed=0):
     """Wrap the chosen Linears of the Llama decoder in membranes and return the handle."""
     if rank < 1:
         raise SPMError(f"--rank {rank} must be at least 1", 2)
     names = membrane_targets(model.config.text_config.num_hidden_layers, layers, modules,
                              attn_layer_ids, mlp_layer_ids)
-    return Membranes(model, names, rank, alpha, scope, special_ids(tokenizer)["boi"])
+    return Membranes(model, names, rank, alpha, scope, special_ids(tokenizer)["boi"], seed)
 
 
 # -----------------------------------------------------------------------------
@@ -584,10 +588,19 @@ def save_atomic(path, write):
 # Checkpoints: membranes alone, as safetensors, with the run's whole config in the metadata
 
 
+def model_signature(model):
+    """The base model's shape, stored with the membranes so that a checkpoint for another model is refused."""
+    text, vq = model.config.text_config, model.config.vq_config
+    return {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
+            "vocab_size": text.vocab_size, "codebook_size": vq.num_embeddings,
+            "num_image_tokens": model.config.vision_config.num_image_tokens}
+
+
 def save_membranes(path, membranes, config, step):
     from safetensors.torch import save_file
 
     metadata = {"format": "spm-janus", "config": json.dumps(config), "model": str(config.get("model")),
+                "model_signature": json.dumps(model_signature(membranes.model)),
                 "modules": json.dumps(membranes.names), "rank": str(membranes.rank), "alpha": str(membranes.alpha),
                 "scope": membranes.scope, "concepts": json.dumps(config.get("concept")), "step": str(step)}
     tensors = membranes.state_dict()
@@ -609,22 +622,23 @@ def read_checkpoint(path):
         raise SPMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
                        f"it may be truncated or corrupt", 1) from None
     try:
-        metadata["config"] = json.loads(metadata["config"])
-        metadata["modules"] = json.loads(metadata["modules"])
-    except (KeyError, ValueError):
-        raise SPMError(f"{path}: missing or invalid spm-janus metadata (config/modules)", 1) from None
+        for key in ("config", "modules", "model_signature"):
+            metadata[key] = json.loads(metadata[key])
+        int(metadata["rank"]), float(metadata["alpha"]), int(metadata["step"])
+        assert metadata["scope"] in ("image", "prompt", "all") and isinstance(metadata["config"], dict)
+    except (KeyError, ValueError, TypeError, AssertionError):
+        raise SPMError(f"{path}: missing or invalid spm-janus metadata: not a membranes file of spm_janus.py", 1) from None
     return tensors, metadata
 
 
 def load_membranes(path, model, tokenizer):
     """Rebuild the membranes of a checkpoint on `model` and load their weights. Returns (membranes, metadata)."""
     tensors, metadata = read_checkpoint(path)
-    config = metadata["config"]
-    num_layers = model.config.text_config.num_hidden_layers
-    for name in metadata["modules"]:
-        if not name.startswith("model.language_model.layers.") or int(name.split(".")[3]) >= num_layers:
-            raise SPMError(f"{path}: module {name} does not exist in this model (it has {num_layers} layers): "
-                           f"the checkpoint was made for another model ({config.get('model')})", 1)
+    signature = model_signature(model)
+    for key, value in metadata["model_signature"].items():
+        if signature.get(key) != value:
+            raise SPMError(f"{path}: made for another model ({metadata['model']}, {key} {value}); this model has "
+                           f"{key} {signature.get(key)}: pass the checkpoint's base model as --model", 1)
     membranes = Membranes(model, metadata["modules"], int(metadata["rank"]), float(metadata["alpha"]),
                           metadata["scope"], special_ids(tokenizer)["boi"])
     try:
@@ -698,12 +712,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step_count = 0
 
-    def _pick(self, generator, concepts):
+    def _generator(self, index, purpose):
+        """Each sample's randomness comes from (seed, step, global sample index): a sample does not depend on the
+        batch or the process it lands in, and a resumed run repeats it exactly."""
+        return torch.Generator().manual_seed(derived_seed(self.args.seed, self.step_count, index, purpose))
+
+    def _pick(self, concepts, purpose):
         """batch_size (concept, template) pairs."""
-        args = self.args
-        return [(concepts[int(torch.randint(len(concepts), (), generator=generator))],
-                 args.templates[int(torch.randint(len(args.templates), (), generator=generator))])
-                for _ in range(args.batch_size)]
+        picks = []
+        for index in range(self.first_index, self.first_index + self.args.batch_size):
+            generator = self._generator(index, purpose)
+            picks.append((concepts[int(torch.randint(len(concepts), (), generator=generator))],
+                          self.args.templates[int(torch.randint(len(self.args.templates), (), generator=generator))]))
+        return picks
 
     def _distribution(self, logits, name):
         """What the loss compares: raw conditional logits, or the CFG-combined, tempered ones that are sampled."""
@@ -715,13 +736,12 @@ class Trainer:
     def step(self):
         """One optimisation step; returns the metrics line as a dict."""
         args, B, started = self.args, self.args.batch_size, time.time()
-        generator = torch.Generator().manual_seed(derived_seed(args.seed, self.step_count, self.first_index, "prompts"))
-        picks = self._pick(generator, args.concept)
+        picks = self._pick(args.concept, "concept")
         prompts = [t.format(c) for c, t in picks]
         if args.surrogate:
             prompts += [t.format(args.surrogate) for c, t in picks]
         if args.anchor == "prompts":
-            prompts += [t.format(c) for c, t in self._pick(generator, args.anchor_prompts)]
+            prompts += [t.format(c) for c, t in self._pick(args.anchor_prompts, "anchor")]
         elif args.anchor == "latent":
             prompts += prompts[:B]
         # One tokenisation: every row shares the prompt length T, so the image positions line up.
@@ -738,7 +758,10 @@ class Trainer:
             columns = [concept_token_positions(self.tokenizer, input_ids[anchor][i:i + 1], c)[0]
                        for i, (c, _) in enumerate(picks)]
             cond = cond.clone()
-            cond[anchor] = latent_anchor_embeds(cond[anchor], columns, generator)
+            for i, cols in enumerate(columns):
+                row = anchor.start + i
+                cond[row:row + 1] = latent_anchor_embeds(cond[row:row + 1], [cols],
+                                                         self._generator(self.first_index + i, "latent"))
 
         # (a) rollouts of the concept (and anchor) prompts, without gradients, in one batch
         sampled = [rows["concept"]] + ([rows["anchor"]] if "anchor" in rows else [])
@@ -787,9 +810,9 @@ class Trainer:
         grads = [p.grad for p in self.membranes.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.membranes.parameters(), args.grad_clip or float("inf"))
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)) and bool(grads)
-        if finite:
+        if finite:  # a non-finite step is skipped whole: no update, no schedule advance
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()
         self.step_count += 1
         return {"step": self.step_count, "loss": loss.item(), "erase": erase.item(), "anchor": anchor_loss.item(),
                 "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0], "finite": finite,
@@ -806,10 +829,12 @@ class Trainer:
                 p.grad /= world
 
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step_count, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        return {"membranes": self.membranes.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step_count,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
 
     def load_state_dict(self, state):
+        self.membranes.load_state_dict(state["membranes"], source=STATE_NAME)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
@@ -840,9 +865,16 @@ def write_sample_grid(path, model, tokenizer, prompts, seeds, cfg, temperature, 
 # Command line
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that names the problem, not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="Erase a visual concept from Janus-Pro with SPM membranes.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="spm_janus.py", description="Erase a visual concept from Janus-Pro with SPM membranes.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="deepseek-community/Janus-Pro-1B",
                    help="hub id or local directory in transformers' Janus format; 'tiny' = random model built here; "
@@ -888,11 +920,12 @@ def build_parser():
                    help="who samples the image tokens: student (membranes on, on-policy) or teacher")
 
     g = parser.add_argument_group("anchoring")
-    g.add_argument("--anchor", default="prompts", choices=["none", "latent", "prompts"],
+    g.add_argument("--anchor", default=None, choices=["none", "latent", "prompts"],
                    help="keep other concepts: none; latent = SPM's random prompt embeddings norm-matched to the "
-                        "concept; prompts = --anchor-prompts")
+                        "concept; prompts = --anchor-prompts (default: prompts, with a built-in list of common "
+                        "concepts minus the erased ones)")
     g.add_argument("--anchor-prompts", action="append", default=None,
-                   help="concept to keep; repeatable (default: a built-in list of common concepts minus the erased ones)")
+                   help="concept to keep with --anchor prompts; repeatable")
     g.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the anchor KL(teacher || student)")
 
     g = parser.add_argument_group("optimisation")
@@ -903,6 +936,9 @@ def build_parser():
     g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompts, rollouts and anchors")
+    g.add_argument("--rollout-every", type=int, default=1, help="sample a new rollout every K steps, reusing it between")
+    g.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
 
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, help="run directory (default: runs/<concept>)")
@@ -921,148 +957,214 @@ def read_templates(values):
     for value in values or DEFAULT_TEMPLATES:
         lines = Path(value).read_text().splitlines() if "{}" not in value and Path(value).is_file() else [value]
         templates += [t.strip() for t in lines if t.strip()]
-    bad = [t for t in templates if "{}" not in t]
+    bad = [t for t in templates if "{}" not in t or t.count("{") != 1 or t.count("}") != 1]
     if bad:
-        raise SPMError(f"--templates {bad[0]!r} has no {{}} for the concept: write it like 'a photo of a {{}}'", 2)
+        raise SPMError(f"--templates {bad[0]!r} needs exactly one {{}} for the concept: write it like "
+                       f"'a photo of a {{}}'", 2)
     return templates
 
 
 def check_args(args):
-    """Everything that can be checked before a model is loaded."""
+    """Everything that can be checked before a model is loaded; fills in derived defaults."""
     if not args.concept or any(not c.strip() for c in args.concept):
         raise SPMError("--concept is empty: name the concept to erase, e.g. --concept mouse", 2)
-    if args.surrogate.strip() in [c.strip() for c in args.concept]:
+    args.concept = [c.strip() for c in args.concept]
+    if args.surrogate.strip() in args.concept:
         raise SPMError(f"--surrogate {args.surrogate!r} equals the concept: use '' or a substitute such as "
                        f"'real {args.concept[0]}'", 2)
-    if args.rank < 1:
-        raise SPMError(f"--rank {args.rank} must be at least 1", 2)
-    if args.steps < 1:
-        raise SPMError(f"--steps {args.steps} must be at least 1", 2)
-    if args.batch_size < 1:
-        raise SPMError(f"--batch-size {args.batch_size} must be at least 1", 2)
-    if args.modules:
-        args.modules = [m.strip() for m in args.modules.split(",")] if isinstance(args.modules, str) else args.modules
-        unknown = [m for m in args.modules if m not in LAYER_CHOICES[args.layers]]
-        if unknown:
-            raise SPMError(f"--modules {unknown[0]!r} is not a module of --layers {args.layers}: choose from "
-                           f"{','.join(LAYER_CHOICES[args.layers])}", 2)
+    for flag, value, least in (("--rank", args.rank, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                               ("--rollout-every", args.rollout_every, 1), ("--max-bad-steps", args.max_bad_steps, 1)):
+        if value < least:
+            raise SPMError(f"{flag} {value} must be at least {least}", 2)
+    if args.anchor_prompts is not None:
+        args.anchor_prompts = [c.strip() for c in args.anchor_prompts if c.strip()] or None
+    if args.anchor == "prompts" and not args.anchor_prompts:
+        raise SPMError("--anchor prompts needs --anchor-prompts: name concepts to keep, e.g. --anchor-prompts cat "
+                       "--anchor-prompts car (or leave --anchor unset for the built-in list)", 2)
+    if isinstance(args.modules, str):
+        args.modules = [m.strip() for m in args.modules.split(",") if m.strip()]
+    unknown = [m for m in args.modules or [] if m not in LAYER_CHOICES[args.layers]]
+    if unknown:
+        raise SPMError(f"--modules {unknown[0]!r} is not a module of --layers {args.layers}: choose from "
+                       f"{','.join(LAYER_CHOICES[args.layers])}", 2)
     args.templates = read_templates(args.templates)
+    if args.resume:
+        args.out = args.resume
     args.out = args.out or os.path.join("runs", "_".join(c.replace(" ", "-") for c in args.concept))
 
 
 def prepare_out_dir(args):
     """The run directory; refuses one that holds a different run unless --resume or --overwrite."""
     out = Path(args.out)
+    if args.resume and not (out / CHECKPOINT_NAME).is_file():
+        raise SPMError(f"--resume {out}: no {CHECKPOINT_NAME} there; pass the --out directory of an earlier run", 2)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise SPMError(f"--out {out} cannot be written ({e.strerror}): choose another directory", 2) from None
+        raise SPMError(f"--out {out} cannot be written ({e.strerror or e}): choose another directory", 2) from None
     if (out / CHECKPOINT_NAME).exists() and not args.resume and not args.overwrite:
         raise SPMError(f"--out {out} already holds a run: pass --resume {out} to continue it, --overwrite to "
                        f"replace it, or another --out", 2)
     return out
 
 
-def save_run(out, trainer, config, rank_zero=True):
-    if not rank_zero:
-        return
-    save_membranes(out / CHECKPOINT_NAME, trainer.membranes, config, trainer.step_count)
+def check_resume(args):
+    """The run to resume must be the same method; only the budget (--steps and output cadence) may change."""
+    _, metadata = read_checkpoint(Path(args.resume) / CHECKPOINT_NAME)
+    previous = metadata["config"]
+    for key in METHOD_KEYS:
+        if key == "anchor" and args.anchor is None:  # left to its default: the run's resolved anchoring
+            args.anchor, args.anchor_prompts = previous.get("anchor"), previous.get("anchor_prompts")
+        if key in previous and key != "anchor_prompts" and previous[key] != getattr(args, key):
+            raise SPMError(f"--resume {args.resume}: --{key.replace('_', '-')} was {previous[key]!r} in that run, "
+                           f"now {getattr(args, key)!r}; resume with the same method flags (only --steps may change)", 2)
+    return previous
+
+
+def setup_distributed(device):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPUs, gloo on CPU). Returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), world, device
+
+
+def save_run(out, trainer, config):
+    """Trainer state first, then the membranes: each file is atomic, and the state holds its own copy of the
+    membranes, so a kill between the two leaves a consistent pair to resume from."""
     state = trainer.state_dict()
     save_atomic(out / STATE_NAME, lambda tmp: torch.save(state, tmp))
+    save_membranes(out / CHECKPOINT_NAME, trainer.membranes, config, trainer.step_count)
+
+
+def load_trainer_state(path):
+    try:
+        return torch.load(path, weights_only=True)  # never unpickle code from a checkpoint
+    except Exception as e:
+        raise SPMError(f"{path}: cannot be read ({str(e).splitlines()[0][:100]}); it may be truncated or corrupt", 1) from None
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the loop to stop after the current step, save, and exit non-zero."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        import signal
+
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.received is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train(args):
     check_args(args)
     device = pick_device(args.device)
-    resume_config = None
-    if args.resume:
-        resume_path = Path(args.resume) / CHECKPOINT_NAME
-        resume_config = read_checkpoint(resume_path)[1]["config"]
-        changed = [k for k in METHOD_KEYS if k in resume_config and resume_config[k] != getattr(args, k)]
-        if changed:
-            k = changed[0]
-            raise SPMError(f"--resume {args.resume}: --{k.replace('_', '-')} was {resume_config[k]!r} in that run, "
-                           f"now {getattr(args, k)!r}; resume with the same method flags (only --steps may change)", 2)
-        args.out = args.resume
+    previous = check_resume(args) if args.resume else None
+    out = prepare_out_dir(args)
     config = load_config(args.model)
     set_threads(args.threads, config, device)
     membrane_targets(config.text_config.num_hidden_layers, args.layers, args.modules, args.attn_layer_ids,
                      args.mlp_layer_ids)  # bad layer ids fail here, before any weights load
-    out = prepare_out_dir(args)
+    rank, world, device = setup_distributed(device)
+    rank_zero = rank == 0
 
     model, tokenizer = load_model(args.model, args.dtype, device)
     default_cfg, default_temperature = generation_defaults(model)
     args.cfg = default_cfg if args.cfg is None else args.cfg
     args.temperature = default_temperature if args.temperature is None else args.temperature
-    unknown = [c for c in args.concept if c not in known_concepts(tokenizer, [c])]
+    unknown = [c for c in args.concept + [args.surrogate] if c and c not in known_concepts(tokenizer, [c])]
     if unknown:
-        raise SPMError(f"--concept {unknown[0]!r} is not in this model's vocabulary: choose another word", 2)
-    if args.anchor == "prompts":
-        if args.anchor_prompts is None:
-            args.anchor_prompts = [c for c in known_concepts(tokenizer, COMMON_CONCEPTS) if c not in args.concept]
-        if not args.anchor_prompts:
-            raise SPMError("--anchor prompts needs --anchor-prompts: name concepts to keep, e.g. "
-                           "--anchor-prompts cat --anchor-prompts car", 2)
+        raise SPMError(f"{unknown[0]!r} has words this model's tokenizer cannot spell: choose another word", 2)
+    if args.anchor is None:
+        args.anchor = "prompts"
+        args.anchor_prompts = args.anchor_prompts or \
+            [c for c in known_concepts(tokenizer, COMMON_CONCEPTS) if c not in args.concept]
+    if previous is not None and args.anchor_prompts != previous.get("anchor_prompts"):
+        raise SPMError(f"--resume {args.resume}: --anchor-prompts was {previous.get('anchor_prompts')!r} in that run, "
+                       f"now {args.anchor_prompts!r}; resume with the same method flags", 2)
     context = model.config.text_config.max_position_embeddings - model.config.vision_config.num_image_tokens
     for prompt in [t.format(c) for c in args.concept + [args.surrogate] + (args.anchor_prompts or [])
                    for t in args.templates]:
-        encode_prompts(tokenizer, [prompt], device, context)
+        encode_prompts(tokenizer, [prompt], device, context)  # one-line error for a prompt over the context
 
     membranes = attach_membranes(model, tokenizer, args.layers, args.modules, args.attn_layer_ids,
-                                 args.mlp_layer_ids, args.rank, args.alpha, args.scope)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
+                                 args.mlp_layer_ids, args.rank, args.alpha, args.scope, args.seed)
     trainer = Trainer(model, tokenizer, membranes, args, first_index=rank * args.batch_size)
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args), world_size=world)
     if args.resume:
-        tensors, _ = read_checkpoint(Path(args.resume) / CHECKPOINT_NAME)
-        membranes.load_state_dict(tensors, source=str(Path(args.resume) / CHECKPOINT_NAME))
-        trainer.load_state_dict(torch.load(Path(args.resume) / STATE_NAME, weights_only=True))
-    rank_zero = rank == 0
+        trainer.load_state_dict(load_trainer_state(out / STATE_NAME))
     sample_prompts_ = args.sample_prompts or [f"a {c}" for c in args.concept] + \
         [f"a {c}" for c in (args.anchor_prompts or known_concepts(tokenizer, COMMON_CONCEPTS))[:3]
          if c not in args.concept]
-    sample_seeds = [0, 1, 2, 3]
 
     def write_grid():
         if rank_zero and args.sample_every:
             path = out / "samples" / f"step_{trainer.step_count:06d}.png"
             path.parent.mkdir(exist_ok=True)
-            write_sample_grid(path, model, tokenizer, sample_prompts_, sample_seeds, args.cfg, args.temperature,
+            write_sample_grid(path, model, tokenizer, sample_prompts_, [0, 1, 2, 3], args.cfg, args.temperature,
                               f"step {trainer.step_count}")
 
-    print(f"{len(membranes.names)} membranes, {membranes.num_parameters()} parameters "
-          f"({100 * membranes.num_parameters() / sum(p.numel() for p in model.parameters()):.4f}% of the model), "
-          f"scope {args.scope}, cfg {args.cfg}, temperature {args.temperature}, out {out}")
+    if rank_zero:
+        share = 100 * membranes.num_parameters() / sum(p.numel() for p in model.parameters())
+        print(f"{len(membranes.names)} membranes, {membranes.num_parameters()} parameters ({share:.4f}% of the "
+              f"model), scope {args.scope}, cfg {args.cfg}, temperature {args.temperature}, "
+              f"batch {args.batch_size} x {world} process(es), out {out}")
     if trainer.step_count == 0:
         write_grid()
     from tqdm import tqdm
 
     progress = tqdm(range(trainer.step_count, args.steps), initial=trainer.step_count, total=args.steps,
                     disable=not rank_zero, dynamic_ncols=True)
-    metrics_file = open(out / "metrics.jsonl", "a") if rank_zero else None
-    try:
+    bad_steps = 0
+    with StopSignal() as stop, (open(out / "metrics.jsonl", "a") if rank_zero else contextlib.nullcontext()) as log:
         for _ in progress:
             metrics = trainer.step()
+            bad_steps = 0 if metrics["finite"] else bad_steps + 1
+            if not metrics["finite"]:
+                tqdm.write(f"warning: step {trainer.step_count}: non-finite loss or gradient, step skipped",
+                           file=sys.stderr)
+                if bad_steps >= args.max_bad_steps:
+                    raise SPMError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped. The last "
+                                   f"good checkpoint is kept in {out}: lower --lr or use --dtype float32", 1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", erase=f"{metrics['erase']:.4f}",
                                  anchor=f"{metrics['anchor']:.4f}")
-            if metrics_file:
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
+            if rank_zero:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
             step = trainer.step_count
-            if args.save_every and step % args.save_every == 0 and step < args.steps:
-                save_run(out, trainer, config, rank_zero)
+            if stop.received is not None:
+                if rank_zero:
+                    save_run(out, trainer, config)
+                    print(f"\ninterrupted: saved {out / CHECKPOINT_NAME} at step {step}; continue with "
+                          f"--resume {out}", file=sys.stderr)
+                sys.exit(128 + stop.received)
+            if rank_zero and args.save_every and step % args.save_every == 0 and step < args.steps:
+                save_run(out, trainer, config)
             if args.sample_every and step % args.sample_every == 0 and step < args.steps:
                 write_grid()
-    finally:
-        if metrics_file:
-            metrics_file.close()
-    save_run(out, trainer, config, rank_zero)
-    write_grid()
     if rank_zero:
+        save_run(out, trainer, config)
+        write_grid()
         print(f"saved {out / CHECKPOINT_NAME} at step {trainer.step_count}")
     return out
 
@@ -1074,6 +1176,9 @@ def main(argv=None):
     except SPMError as e:
         print(f"spm_janus.py: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -412,7 +412,8 @@ def test_sample_with_checkpoint_of_another_model_is_one_line(tmp_path):
 
 
 def test_every_flag_has_help():
-    for parser in (spm.build_parser(),):
+    import sample
+    for parser in (spm.build_parser(), sample.build_parser()):
         for action in parser._actions:
             assert action.help, action.option_strings
 
@@ -442,3 +443,190 @@ def test_merge_is_refused_for_gated_scopes(scope):
     membranes = spm.attach_membranes(model, tokenizer, scope=scope)
     with pytest.raises(spm.SPMError, match=f"scope {scope}"):
         membranes.merge()
+
+
+# -----------------------------------------------------------------------------
+# Reliability: crash-safe checkpoints, exact resume, clear errors
+
+
+def membrane_tensors(path):
+    return spm.read_checkpoint(path)[0]
+
+
+def checkpoint_step(path):
+    try:
+        return int(spm.read_checkpoint(path)[1]["step"])
+    except (spm.SPMError, OSError):
+        return 0
+
+
+TRAIN = ["spm_janus.py", "--model", "tiny", "--concept", "mouse", "--batch-size", "2", "--sample-every", "0"]
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+    steps = 12
+    straight = run_cli(*TRAIN, "--steps", str(steps), "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, *TRAIN, "--steps", str(steps), "--save-every", "3",
+                                "--out", str(killed)], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while checkpoint_step(killed / "membranes.safetensors") < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved_step = checkpoint_step(killed / "membranes.safetensors")
+    assert 3 <= saved_step < steps, "the run ended before it could be killed: raise steps"
+    resumed = run_cli(*TRAIN, "--steps", str(steps), "--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = membrane_tensors(tmp_path / "straight" / "membranes.safetensors"), membrane_tensors(killed / "membranes.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith(".up"))
+
+
+def test_sigint_saves_a_checkpoint_and_exits_non_zero(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, *TRAIN, "--steps", "500", "--out", str(out)], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2) \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT
+    step = checkpoint_step(out / "membranes.safetensors")
+    assert step == len((out / "metrics.jsonl").read_text().splitlines()) >= 2
+    assert f"at step {step}" in stderr and "--resume" in stderr
+
+
+def test_truncated_and_corrupt_checkpoints_are_rejected_by_name(tmp_path):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    good = tmp_path / "good.safetensors"
+    spm.save_membranes(good, membranes, vars(train_args()), step=1)
+    data = good.read_bytes()
+    truncated, garbage, no_meta = tmp_path / "truncated.safetensors", tmp_path / "garbage.safetensors", tmp_path / "m.safetensors"
+    truncated.write_bytes(data[:len(data) // 2])
+    garbage.write_bytes(b"\x00" * 64)
+    from safetensors.torch import save_file
+    save_file(membranes.state_dict(), str(no_meta))
+    for path, needle in [(truncated, "truncated or corrupt"), (garbage, "truncated or corrupt"), (no_meta, "metadata")]:
+        result = run_cli("sample.py", "--ckpt", str(path), "--out", str(tmp_path / "o"))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert str(path) in lines[0] and needle in lines[0]
+
+
+def test_mismatched_tensor_names_are_rejected(tmp_path):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    tensors = membranes.state_dict()
+    tensors["model.language_model.layers.0.self_attn.q_proj.extra"] = torch.zeros(1)
+    with pytest.raises(spm.SPMError, match="unexpected"):
+        membranes.load_state_dict(tensors, source="x")
+    tensors = membranes.state_dict()
+    key = next(iter(tensors))
+    tensors[key] = torch.zeros(3, 3)
+    with pytest.raises(spm.SPMError, match="shape"):
+        membranes.load_state_dict(tensors, source="x")
+
+
+@pytest.mark.parametrize("argv,code,needle", [
+    (["--concept", ""], 2, "--concept"),
+    (["--surrogate", "mouse"], 2, "--surrogate"),
+    (["--anchor", "prompts"], 2, "--anchor-prompts"),
+    (["--modules", "foo_proj"], 2, "foo_proj"),
+    (["--attn-layer-ids", "9"], 2, "out of range"),
+    (["--rank", "0"], 2, "--rank"),
+    (["--steps", "-3"], 2, "--steps"),
+    (["--templates", "a {} " + "very " * 1200], 2, "longer than the model's context"),
+    (["--device", "cuda"], 2, "CUDA"),
+    (["--model", "/nonexistent/janus"], 1, "cannot load model"),
+    (["--concept", "zebra"], 2, "cannot spell"),
+])
+def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, argv, code, needle):
+    if needle == "CUDA" and torch.cuda.is_available():
+        argv = ["--device", "cuda:99"]
+    result = run_cli(*TRAIN, "--steps", "1", "--out", str(tmp_path / "r"), *argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code and len(lines) == 1 and needle in lines[0], result.stderr
+    assert not (tmp_path / "r" / "membranes.safetensors").exists()
+
+
+def test_out_dir_that_cannot_be_written_or_holds_another_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_cli(*TRAIN, "--steps", "1", "--out", str(blocker / "run"))
+    assert result.returncode == 2 and "cannot be written" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert run_cli(*TRAIN, "--steps", "1", "--out", str(tmp_path / "r")).returncode == 0
+    result = run_cli(*TRAIN, "--steps", "1", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    result = run_cli(*TRAIN, "--steps", "2", "--resume", str(tmp_path / "r"), "--loss", "mse")
+    assert result.returncode == 2 and "--loss was 'kl'" in result.stderr
+    assert run_cli(*TRAIN, "--steps", "2", "--resume", str(tmp_path / "r")).returncode == 0
+    result = run_cli("sample.py", "--ckpt", str(tmp_path / "missing.safetensors"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(spm, "divergence", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit) as exit_info:
+        spm.main([*TRAIN[1:], "--steps", "20", "--max-bad-steps", "3", "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("step skipped") == 3 and "3 steps in a row" in err
+
+
+def test_random_flag_combinations_end_cleanly(tmp_path):
+    """Every combination of flags ends in a clean run or in a one-line error, never in a traceback."""
+    import contextlib
+    import io
+    from hypothesis import given, settings, strategies as st
+
+    flag_values = {
+        "--layers": st.sampled_from(["attn", "mlp", "attn+mlp"]),
+        "--modules": st.sampled_from(["q_proj", "v_proj,o_proj", "gate_proj", "down_proj,q_proj", "nope"]),
+        "--attn-layer-ids": st.sampled_from(["0", "0-1", "1", "2", "x"]),
+        "--mlp-layer-ids": st.sampled_from(["0", "1", "0-5"]),
+        "--scope": st.sampled_from(["image", "prompt", "all"]),
+        "--loss": st.sampled_from(["kl", "mse"]),
+        "--kl-direction": st.sampled_from(["forward", "reverse"]),
+        "--loss-on": st.sampled_from(["cond", "cfg"]),
+        "--rollout": st.sampled_from(["student", "teacher"]),
+        "--anchor": st.sampled_from(["none", "latent", "prompts"]),
+        "--anchor-prompts": st.sampled_from(["cat", "car", ""]),
+        "--surrogate": st.sampled_from(["", "real mouse", "mouse", "dog"]),
+        "--rank": st.integers(-1, 3),
+        "--steps": st.integers(0, 1),
+        "--eta": st.floats(-1, 3),
+        "--concept": st.sampled_from(["mouse", "cat", "", "real mouse"]),
+    }
+    runs = iter(range(10 ** 6))
+
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(st.fixed_dictionaries({}, optional=flag_values))
+    def check(flags):
+        argv = ["--model", "tiny", "--batch-size", "1", "--steps", "1", "--sample-every", "0",
+                "--out", str(tmp_path / str(next(runs)))]  # flags drawn below override these
+        if "--concept" not in flags:
+            argv += ["--concept", "mouse"]
+        argv += [f"{flag}={value}" for flag, value in flags.items()]  # --eta=-1 is not read as a flag
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                spm.main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        if code != 0:
+            lines = [l for l in stderr.getvalue().strip().splitlines() if "error" in l]
+            assert code in (1, 2) and len(lines) == 1 and lines[0].startswith("spm_janus.py: error: "), stderr.getvalue()
+
+    check()

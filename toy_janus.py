@@ -55,6 +55,9 @@ SHAPES = {
 }
 P_UNCONDITIONAL = 0.1  # share of training prompts replaced by the all-pad prompt: CFG needs an unconditional branch
 P_MODIFIER = 0.2  # share of training prompts with a modifier word before the object
+# Share of training prompts that name the colour. Only the first ink token learns the colour from the prompt (later
+# ones copy it), so colour is the scarce signal: give it half the prompts.
+P_COLOR_TEMPLATE = 0.5
 LABEL_SMOOTHING = 0.03  # keeps CFG from amplifying codes the model thinks impossible
 GUIDANCE_SCALE, TEMPERATURE = 3.0, 0.5  # the model's sampling defaults (CFG 5 over-sharpened this toy)
 
@@ -129,12 +132,12 @@ def vocabulary():
     return sorted(words | set(OBJECTS) | set(COLORS) | set(MODIFIERS))
 
 
-def new_model(seed=0, hidden=64, layers=2):
+def new_model(seed=0, hidden=64, layers=2, heads=8):
     """A freshly initialised toy Janus and its tokenizer."""
     from transformers import JanusForConditionalGeneration
 
     tokenizer = spm_janus.word_tokenizer(vocabulary())
-    config = spm_janus.janus_config(len(tokenizer), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=4,
+    config = spm_janus.janus_config(len(tokenizer), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=heads,
                                     grid=GRID, patch=PATCH, codebook=CODEBOOK,
                                     image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
     # janus_config leaves the understanding aligner at JanusVisionConfig's 2048 wide x 2 deep (17 MB of unused
@@ -142,6 +145,9 @@ def new_model(seed=0, hidden=64, layers=2):
     config.vision_config.projection_dim = hidden
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config)
+    # At the default init (std 0.02) the image-code embeddings vanish next to the aligner's biases, and the model
+    # takes long to tell the codes apart, so it cannot copy a colour between image tokens: give them unit scale.
+    torch.nn.init.normal_(model.model.generation_embeddings.weight, std=1.0)
     spm_janus.set_generation_defaults(model, tokenizer, GUIDANCE_SCALE, TEMPERATURE)
     return model.eval(), tokenizer  # eval: nothing in it is stochastic, and generate expects it
 
@@ -153,7 +159,9 @@ def training_batch(generator, batch_size):
 
     prompts, codes = [], []
     for _ in range(batch_size):
-        obj, color, shift, template = pick(OBJECTS), pick(COLORS), pick(SHIFTS), pick(TEMPLATES)
+        colored = torch.rand((), generator=generator) < P_COLOR_TEMPLATE
+        template = pick([t for t in TEMPLATES if ("{color}" in t) == colored])
+        obj, color, shift = pick(OBJECTS), pick(COLORS), pick(SHIFTS)
         modifier = pick(MODIFIERS) if torch.rand((), generator=generator) < P_MODIFIER else None
         prompts.append(make_prompt(template, obj, color, modifier))
         codes.append(render(obj, color, shift))

@@ -1,0 +1,668 @@
+"""
+Benchmarks of spm-janus. Both sides of every comparison run in this process, in alternated order, after a warm-up:
+
+train    a training step as ONE teacher-forced pass (spm_janus.image_logits, KL to the erasure target, backward over
+         all N image tokens) against the same loss built the way peers train: N forward passes of one token with a
+         KV cache and the graph kept, then one backward. Loss agreement, wall time, allocator-level peak memory.
+sample   sampling the same seeds with unmerged rank-1 membranes (attn; attn+mlp) and with merged ones (scope all)
+         against the base model with none attached (merged tokens must be bit-identical to unmerged ones); and CFG
+         as two passes per step against spm_janus.sample_codes' one doubled batch. One shared set of rounds.
+teacher  the teacher's concept and surrogate logits in one batched no-grad pass against two passes.
+memory   whole-process peak of a real training step (spm_janus.Trainer) against a plain sampling pass of as many
+         rows: the teacher is the same model with membranes off, never a second copy.
+
+    python bench.py --quick --json /tmp/bq.json      # N = 144, 3 rounds: a check in about 2 minutes on 2 cores
+    python bench.py --json /tmp/b.json               # N = 576, 5 rounds: under 10 minutes on 2 cores
+    python bench.py --device cuda --size 7b --grad-checkpointing --json b7.json
+
+A ratio is the median over --pairs rounds (each side once per round, the order rotated every round); [min, max] is
+its spread over the rounds.
+"""
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import spm_janus as spm
+
+# Real Janus-Pro dims (deepseek-community/Janus-Pro-1B, -7B config.json): a DeepSeek-LLM Llama, SigLIP-L 384/16 for
+# understanding, VQ-16 with a 16384 x 8 codebook for generation, 576 image tokens (24 x 24).
+JANUS_PRO = {"1b": dict(hidden=2048, intermediate=5632, layers=24, heads=16),
+             "7b": dict(hidden=4096, intermediate=11008, layers=30, heads=32)}
+TINY_WIDE = dict(hidden=256, intermediate=512, layers=4, heads=4, codebook=1024)
+PROMPT, CFG, TEMPERATURE, ETA = "a photo of a mouse", 5.0, 1.0, 1.0
+MERGED_LAYERS = "attn+mlp"  # the worst case for merged sampling: every wrapped Linear is one more module call
+SECTIONS = ("train", "sample", "teacher", "memory")
+
+
+class BenchError(Exception):
+    """Bad input, printed as one line."""
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+def janus_pro_config(size, image_token_id=5, num_layers=None, num_tokens=576):
+    """JanusConfig with the real Janus-Pro-1B / -7B dims, for random-init speed and memory runs (no download).
+
+    spm_janus.janus_config sets the Llama, the codebook and the VQ channels; the SigLIP-L tower and the VQ decoder's
+    depth it keeps tiny are set here. Token ids follow spm_janus.word_tokenizer (pad 0, bos 1, eos 2)."""
+    dims = dict(JANUS_PRO[size], **({"layers": num_layers} if num_layers else {}))
+    config = spm.janus_config(102400, **dims, grid=math.isqrt(num_tokens), patch=16, codebook=16384, vq_embed_dim=8,
+                              vq_channels=128, vq_multiplier=(1, 1, 2, 2, 4), image_token_id=image_token_id,
+                              context=16384)
+    vision = config.vision_config
+    vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads = 1024, 24, 16
+    vision.projection_dim = dims["hidden"]  # the understanding aligner maps SigLIP to the LLM width
+    config.vq_config.latent_channels, config.vq_config.num_res_blocks = 256, 2
+    return config
+
+
+def build_model(args, device, dtype):
+    """(model, tokenizer): random weights, created in their dtype on their device (no fp32 host copy of a 7B)."""
+    from transformers import JanusForConditionalGeneration
+
+    words = set(" ".join(spm.DEFAULT_TEMPLATES).replace("{}", " ").split()) | set(spm.COMMON_CONCEPTS) | {"real"}
+    tokenizer = spm.word_tokenizer(sorted(words))
+    image_token_id = tokenizer.convert_tokens_to_ids("<image_placeholder>")
+    if args.size == "tiny":
+        config = spm.janus_config(len(tokenizer), grid=math.isqrt(args.tokens), image_token_id=image_token_id,
+                                  **TINY_WIDE)
+    else:
+        config = janus_pro_config(args.size, image_token_id, args.num_layers, args.tokens)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = JanusForConditionalGeneration._from_config(config, dtype=dtype)
+    model.requires_grad_(False).eval()
+    spm.set_generation_defaults(model, tokenizer, CFG, TEMPERATURE)
+    if args.grad_checkpointing:  # acts in train mode only; see training_mode()
+        model.model.language_model.activation_checkpointing_enable()
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def training_mode(model, on):
+    """transformers checkpoints layers only in train mode, and there it drops the KV cache: train mode for the
+    one-pass step, eval mode (the default) for everything that needs the cache."""
+    model.model.language_model.train(on)
+    try:
+        yield
+    finally:
+        model.model.language_model.eval()
+
+
+def attach(model, tokenizer, layers, scope, rank, seed=0):
+    """Membranes with non-zero factors (a fresh one has up = 0): the same seeded factors on every call."""
+    membranes = spm.attach_membranes(model, tokenizer, layers=layers, rank=rank, scope=scope)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, t in membranes.state_dict().items():  # down ~ 1/sqrt(in) like nn.Linear, up small: a modest change
+        std = 0.02 if name.endswith(".up") else t.shape[1] ** -0.5
+        tensors[name] = torch.randn(t.shape, generator=generator) * std
+    membranes.load_state_dict(tensors)
+    return membranes
+
+
+def prompt_embeds(model, tokenizer, batch, device):
+    input_ids, mask = spm.encode_prompts(tokenizer, [PROMPT] * batch, device)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        return embed(input_ids), embed(spm.unconditional_ids(input_ids, tokenizer)), mask
+
+
+# -----------------------------------------------------------------------------
+# Timing and memory
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(fn, device):
+    """(wall, CPU) seconds of fn(). On a shared CPU the process' CPU time leaves out the time spent waiting for a
+    core, so its ratios are steadier; on CUDA it means nothing and is dropped."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def rounds(sides, args, device):
+    """Time the callables of `sides` (name -> fn; the first is the base) in --pairs rounds, each round in a rotated
+    order so that every side takes every position alike; per round, each side's time over the base's. Returns
+    name -> {ratio, spread: [min, max], ratio_cpu, spread_cpu, base_s, s} for every side but the base."""
+    names = list(sides)
+    for _ in range(args.warmup):
+        for name in names:
+            sides[name]()
+    times = {name: [] for name in names}
+    for i in range(args.pairs):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(seconds(sides[name], device))
+    base = times[names[0]]
+    result = {}
+    for name in names[1:]:
+        summary = {"base_s": statistics.median(t[0] for t in base), "s": statistics.median(t[0] for t in times[name])}
+        for clock, suffix in ((0, ""), (1, "_cpu")):
+            if clock and device.type == "cuda":
+                continue
+            ratios = [t[clock] / max(b[clock], 1e-9) for t, b in zip(times[name], base)]
+            summary["ratio" + suffix] = statistics.median(ratios)
+            summary["spread" + suffix] = [min(ratios), max(ratios)]
+        result[name] = summary
+    return result
+
+
+def put(result, key, timing, offset=0.0):
+    """Store a timing's median and spread (wall, and CPU time where measured) under key; offset -1 = overhead."""
+    for suffix in ("", "_cpu"):
+        if "ratio" + suffix in timing:
+            result[key + suffix] = timing["ratio" + suffix] + offset
+            result[key + suffix + "_spread"] = [r + offset for r in timing["spread" + suffix]]
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """The CPU profiler's kineto backend prints a start/stop line on fd 2 every time."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_bytes(fn, device):
+    """Peak bytes allocated while fn runs, above what was allocated when it started (allocator level).
+
+    CUDA: the caching allocator's own peak. CPU: torch's CPU allocations are invisible to tracemalloc and RSS keeps
+    freed pages, so the profiler records every allocation and free (profile_memory=True) and we take the running
+    sum's maximum."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    total = peak = 0
+    for _, nbytes in events:
+        total += nbytes
+        peak = max(peak, total)
+    return peak
+
+
+def max_rss_bytes():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+MB = 2 ** 20
+
+
+# -----------------------------------------------------------------------------
+# The two ways to train, the two ways to do CFG
+
+
+def stepwise_logits(model, embeds, mask, codes):
+    """Logits [B, N, V] as peers train: N forward passes of one token each, with a KV cache, graph kept."""
+    from transformers import DynamicCache
+
+    language_model, head = model.model.language_model, model.model.generation_head
+    cache = DynamicCache(config=language_model.config)
+    position_ids, logits = spm.positions(mask), []
+    for i in range(codes.shape[1]):
+        if i:  # the image token sampled at step i-1 is the input of step i
+            embeds = model.prepare_embeddings_for_image_generation(codes[:, i - 1:i]).to(embeds.dtype)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            position_ids = position_ids[:, -1:] + 1
+        hidden = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=cache,
+                                use_cache=True).last_hidden_state
+        logits.append(head(hidden[:, -1]))
+    return torch.stack(logits, 1).float()
+
+
+@torch.no_grad()
+def sample_codes_two_passes(model, cond_embeds, uncond_embeds, mask, cfg, temperature, uniforms):
+    """The 'before' of the doubled CFG batch: a conditional and an unconditional pass per step, two KV caches.
+    Same inverse-CDF draw as spm_janus.sample_codes, so the tokens can be compared."""
+    from transformers import DynamicCache
+
+    language_model, head = model.model.language_model, model.model.generation_head
+    inputs = [cond_embeds, uncond_embeds]
+    caches = [DynamicCache(config=language_model.config) for _ in inputs]
+    position_ids = spm.positions(mask)
+    codes = torch.zeros(cond_embeds.shape[0], model.config.vision_config.num_image_tokens, dtype=torch.long,
+                        device=cond_embeds.device)
+    for i in range(codes.shape[1]):
+        cond, uncond = (head(language_model(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, cache=c,
+                                            use_cache=True).last_hidden_state[:, -1]).float()
+                        for x, c in zip(inputs, caches))
+        cdf = torch.softmax(spm.cfg_combine(cond, uncond, cfg).double() / temperature, -1).cumsum(-1)
+        drawn = torch.searchsorted(cdf, uniforms[:, i:i + 1].to(cdf) * cdf[:, -1:]).squeeze(1)
+        codes[:, i] = drawn.clamp(max=cdf.shape[-1] - 1)
+        step = model.prepare_embeddings_for_image_generation(codes[:, i])[:, None]
+        inputs = [step, step]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        position_ids = position_ids[:, -1:] + 1
+    return codes
+
+
+# -----------------------------------------------------------------------------
+# Sections: each returns a dict of results
+
+
+def bench_train(model, tokenizer, args, device):
+    """One teacher-forced pass vs stepping through the image: same loss, wall time, peak memory."""
+    B, N = args.train_batch, args.tokens
+    membranes = attach(model, tokenizer, "attn", "image", args.rank)
+    try:
+        cond, uncond, mask = prompt_embeds(model, tokenizer, B, device)
+        uniforms = spm.rollout_uniforms(args.seed, 0, 0, B, N, device)
+        codes = spm.sample_codes(model, cond, uncond, mask, CFG, TEMPERATURE, uniforms)
+        with torch.no_grad(), membranes.disabled():  # the teacher is the same model, membranes off
+            concept, surrogate = spm.batched_image_logits(model, [(cond, mask, codes), (uncond, mask, codes)])
+        target = surrogate - ETA * (concept - surrogate)  # the erasure target, fixed
+        del concept, surrogate
+        last = {}  # each side's latest (loss, logits, grads): the agreement check needs no extra run
+
+        def step(name, logits_fn):
+            for p in membranes.parameters():
+                p.grad = None
+            logits = logits_fn()
+            loss = spm.divergence(logits, target)
+            loss.backward()
+            last[name] = (loss.item(), logits.detach(), [p.grad.clone() for p in membranes.parameters()])
+
+        def one_pass():
+            with training_mode(model, args.grad_checkpointing):
+                step("one_pass", lambda: spm.image_logits(model, cond, mask, codes))
+
+        def stepwise():
+            step("stepwise", lambda: stepwise_logits(model, cond, mask, codes))
+
+        timing = rounds({"one_pass": one_pass, "stepwise": stepwise}, args, device)["stepwise"]
+        if "one_pass" not in last:  # --warmup 0 --pairs 0 cannot happen, but keep the check honest
+            one_pass(), stepwise()
+        (loss_a, logits_a, grads_a), (loss_b, logits_b, grads_b) = last["one_pass"], last["stepwise"]
+        grad_scale = max(g.abs().max().item() for g in grads_a)
+        result = {"loss": loss_a, "loss_max_abs_diff": abs(loss_a - loss_b),
+                  "logits_max_abs_diff": (logits_a - logits_b).abs().max().item(),
+                  "grad_max_abs_diff_over_max_grad":
+                      max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) / grad_scale}
+        del logits_a, logits_b, grads_a, grads_b
+        last.clear()
+        one_peak, step_peak = peak_bytes(one_pass, device), peak_bytes(stepwise, device)
+        last.clear()
+        put(result, "stepwise_over_one_pass", timing)
+        result.update({"one_pass_s": timing["base_s"], "stepwise_s": timing["s"],
+                       "one_pass_tokens_per_s": B * N / timing["base_s"], "stepwise_tokens_per_s": B * N / timing["s"],
+                       "one_pass_peak_mb": one_peak / MB, "stepwise_peak_mb": step_peak / MB,
+                       "one_pass_peak_mem_over_stepwise": one_peak / step_peak})
+        return result
+    finally:
+        membranes.detach()
+
+
+def bench_sample(model, tokenizer, args, device):
+    """Sampling the same seeds, timed in shared rounds against the base model with no membranes attached:
+    unmerged membranes (attn; attn+mlp), merged ones (scope all), and CFG as two passes per step instead of one
+    doubled batch. Membranes go on copies of the model, so the base keeps none."""
+    cond, uncond, mask = prompt_embeds(model, tokenizer, args.sample_batch, device)
+    uniforms = spm.rollout_uniforms(args.seed, 0, 0, args.sample_batch, args.tokens, device)
+    last = {}
+
+    def sampler(name, m, fn=spm.sample_codes):
+        def run():
+            last[name] = fn(m, cond, uncond, mask, CFG, TEMPERATURE, uniforms)
+        return run
+
+    twins = {"attn": copy.deepcopy(model), "attn_mlp": copy.deepcopy(model), "merged": copy.deepcopy(model)}
+    handles = [attach(twins["attn"], tokenizer, "attn", "image", args.rank),
+               attach(twins["attn_mlp"], tokenizer, "attn+mlp", "image", args.rank),
+               attach(twins["merged"], tokenizer, MERGED_LAYERS, "all", args.rank)]
+    try:
+        sampler("unmerged", twins["merged"])()  # the same membranes before merging, same seeds
+        handles[-1].merge()
+        sides = {"plain": sampler("plain", model)}
+        sides.update({name: sampler(name, twin) for name, twin in twins.items()})
+        sides["cfg_two_passes"] = sampler("cfg_two_passes", model, sample_codes_two_passes)
+        if args.aa:  # a plain copy of the model: how far apart two identical sides time on this machine
+            twins["aa"] = copy.deepcopy(model)
+            sides["aa"] = sampler("aa", twins["aa"])
+        timing = rounds(sides, args, device)
+    finally:
+        for handle in handles:
+            handle.detach()
+        twins.clear()
+        gc.collect()
+    result = {"plain_sample_s": timing["attn"]["base_s"],
+              "plain_sample_tokens_per_s": args.sample_batch * args.tokens / timing["attn"]["base_s"],
+              "merged_layers": MERGED_LAYERS,
+              "merged_tokens_identical": bool(torch.equal(last["unmerged"], last["merged"])),
+              "merged_tokens_differing": int((last["unmerged"] != last["merged"]).sum()),
+              "cfg_two_passes_tokens_identical": bool(torch.equal(last["plain"], last["cfg_two_passes"]))}
+    put(result, "cfg_two_passes_over_doubled", timing["cfg_two_passes"])
+    for name, key in (("attn", "membrane_sampling_overhead_attn"), ("attn_mlp", "membrane_sampling_overhead_attn_mlp"),
+                      ("merged", "merged_sampling_overhead"), ("aa", "aa_sampling_overhead")):
+        if name in timing:
+            put(result, key, timing[name], -1.0)
+    return result
+
+
+def bench_teacher(model, tokenizer, args, device):
+    """The teacher's concept and surrogate (empty-prompt) logits: one batched no-grad pass vs two passes."""
+    B = args.train_batch
+    cond, uncond, mask = prompt_embeds(model, tokenizer, B, device)
+    codes = spm.sample_codes(model, cond, uncond, mask, CFG, TEMPERATURE,
+                             spm.rollout_uniforms(args.seed, 0, 0, B, args.tokens, device))
+    parts = [(cond, mask, codes), (uncond, mask, codes)]
+
+    @torch.no_grad()
+    def batched():
+        spm.batched_image_logits(model, parts)
+
+    @torch.no_grad()
+    def separate():
+        for part in parts:
+            spm.image_logits(model, *part)
+
+    teacher = rounds({"batched": batched, "separate": separate}, args, device)["separate"]
+    result = {"teacher_batched_s": teacher["base_s"], "teacher_separate_s": teacher["s"]}
+    put(result, "teacher_two_passes_over_batched", teacher)
+    return result
+
+
+def trainer_for(model, tokenizer, args):
+    """spm_janus.Trainer with the training CLI's defaults (KL, attn, prompt anchoring) and --train-batch."""
+    run = spm.build_parser().parse_args(["--concept", "mouse", "--model", "tiny", "--steps", "1",
+                                         "--batch-size", str(args.train_batch), "--rank", str(args.rank)])
+    spm.check_args(run)
+    run.cfg, run.temperature = CFG, TEMPERATURE
+    run.anchor_prompts = [c for c in spm.known_concepts(tokenizer, spm.COMMON_CONCEPTS) if c != "mouse"]
+    membranes = spm.attach_membranes(model, tokenizer, layers=run.layers, rank=run.rank, scope=run.scope)
+    return spm.Trainer(model, tokenizer, membranes, run), membranes
+
+
+def memory_workload(model, tokenizer, args, kind):
+    """A zero-argument callable: one real training step (rollout, teacher, student, backward, AdamW), or a plain
+    sampling pass over as many rows as that step's rollout (concept + anchor prompts)."""
+    if kind == "train":
+        trainer, _ = trainer_for(model, tokenizer, args)
+
+        def train_step():
+            with training_mode(model, args.grad_checkpointing):
+                trainer.step()
+        return train_step
+    seeds = list(range(2 * args.train_batch))
+    return lambda: spm.sample_prompts(model, tokenizer, [PROMPT], seeds, CFG, TEMPERATURE)
+
+
+def child(args):
+    """Hidden --_child train|sample: a fresh process, whose peak RSS is the workload's whole-process peak."""
+    model, tokenizer = build_model(args, torch.device("cpu"), DTYPES[args.dtype])
+    workload = memory_workload(model, tokenizer, args, args._child)
+    gc.collect()
+    baseline = max_rss_bytes()
+    workload()
+    print(json.dumps({"baseline_mb": baseline / MB, "peak_mb": max_rss_bytes() / MB}))
+
+
+def bench_memory(model, tokenizer, args, device):
+    """Peak memory of a training step vs a plain sampling pass on the same model, whole process."""
+    if device.type == "cuda":  # everything allocated on the GPU, weights included: the whole-process analogue
+        peaks = {}
+        for kind in ("sample", "train"):
+            workload = memory_workload(model, tokenizer, args, kind)
+            workload()  # warm-up: the optimizer state and caches exist in a long run too
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            workload()
+            torch.cuda.synchronize()
+            peaks[kind] = torch.cuda.max_memory_allocated() / MB
+        baseline = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
+        method = "torch.cuda.max_memory_allocated (weights included), in this process"
+    else:
+        peaks, baselines = {}, []
+        for kind in ("train", "sample"):
+            command = [sys.executable, os.path.abspath(__file__), "--_child", kind, "--size", args.size,
+                       "--tokens", str(args.tokens), "--train-batch", str(args.train_batch), "--rank", str(args.rank),
+                       "--threads", str(args.threads), "--dtype", args.dtype, "--seed", str(args.seed)]
+            if args.num_layers:
+                command += ["--num-layers", str(args.num_layers)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"memory child {kind} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            child_result = json.loads(done.stdout.strip().splitlines()[-1])
+            peaks[kind] = child_result["peak_mb"]
+            baselines.append(child_result["baseline_mb"])
+        baseline = statistics.mean(baselines)
+        method = "ru_maxrss of a fresh subprocess each (python bench.py --_child train|sample)"
+    return {"train_peak_mb": peaks["train"], "sample_peak_mb": peaks["sample"],
+            "train_peak_over_sample_peak": peaks["train"] / peaks["sample"], "baseline_mb": baseline,
+            "train_extra_over_sample_extra": (peaks["train"] - baseline) / max(peaks["sample"] - baseline, 1e-9),
+            "memory_method_process": method}
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Benchmark spm-janus: one-pass training vs stepwise, membrane "
+                                                 "sampling overhead, memory.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("model")
+    g.add_argument("--size", default="tiny", choices=["tiny", "1b", "7b"],
+                   help="tiny = random tiny-but-wide model (hidden 256, 4 layers, codebook 1024); 1b/7b = random "
+                        "weights with the real Janus-Pro dims")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weight dtype (default: float32 for tiny, bfloat16 for 1b/7b)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0 = torch's default); 1 is as fast for small models and robust to load")
+    g.add_argument("--num-layers", type=int, default=None,
+                   help="override the decoder depth of 1b/7b (a smoke run of the real-width code path on CPU)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="activation checkpointing in the training steps (for 7B on one GPU)")
+    g.add_argument("--seed", type=int, default=0, help="weights, rollout and membrane factors")
+
+    g = parser.add_argument_group("workload")
+    g.add_argument("--tokens", type=int, default=None,
+                   help="image tokens N, a square (default: 576, or 144 with --quick)")
+    g.add_argument("--train-batch", type=int, default=1, help="concept rows of a training step")
+    g.add_argument("--sample-batch", type=int, default=1,
+                   help="images per sampling pass (CFG doubles the rows); 1 is the worst case for per-op overhead")
+    g.add_argument("--rank", type=int, default=1, help="membrane rank")
+
+    g = parser.add_argument_group("timing")
+    g.add_argument("--quick", action="store_true", help="N = 144 and 3 rounds: a check in about 2 minutes")
+    g.add_argument("--pairs", type=int, default=None,
+                   help="timed rounds per comparison, each side once a round (default: 5, 3 with --quick)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed runs of each side before the pairs")
+    g.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    g.add_argument("--aa", action="store_true",
+                   help="add an A/A side to the sampling rounds: a plain copy of the model, the noise floor")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--_child", choices=["train", "sample"], default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def check_args(args):
+    """Everything that can fail before a model is built, as one-line errors."""
+    args.tokens = args.tokens or (144 if args.quick else 576)
+    args.pairs = args.pairs or (3 if args.quick else 5)
+    args.dtype = args.dtype or ("float32" if args.size == "tiny" else "bfloat16")
+    if args.tokens < 4 or math.isqrt(args.tokens) ** 2 != args.tokens:
+        raise BenchError(f"--tokens {args.tokens} must be a square of at least 4 (the image is a grid), e.g. 144 or 576")
+    for flag in ("pairs", "train_batch", "sample_batch", "rank"):
+        if getattr(args, flag) < 1:
+            raise BenchError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    if args.warmup < 0 or args.threads < 0:
+        raise BenchError("--warmup and --threads cannot be negative")
+    if args.num_layers is not None and (args.size == "tiny" or args.num_layers < 1):
+        raise BenchError("--num-layers takes a positive count and applies to --size 1b/7b only")
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise BenchError(f"--sections {args.sections!r}: choose from {','.join(SECTIONS)}")
+    args.sections = sections
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda, but this machine has no CUDA device (torch "
+                         f"{torch.__version__}): run with --device cpu, or on a GPU machine")
+    if args.device == "cpu" and args.size != "tiny" and not args.num_layers:
+        raise BenchError(f"--size {args.size} on CPU takes hours: use --device cuda, or add --num-layers 1 for a "
+                         f"smoke run of the real-width code path")
+    if args.device == "cpu" and args.dtype != "float32" and "train" in args.sections:
+        print("note: losses agree to ~1e-6 in float32 only; bf16/fp16 rounding differs between the two ways")
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise BenchError(f"--json {args.json}: directory {parent} does not exist or is not writable")
+
+
+def fmt(x, kind):
+    return {"x": f"{x:.1f}x", "x2": f"{x:.3f}x", "%": f"{100 * x:+.1f}%", "e": f"{x:.1e}"}[kind]
+
+
+def table(r, quick):
+    """The readable table: median and [min, max] over the rounds, wall clock, then CPU time, then the target."""
+    rows = []
+
+    def row(label, key, kind, target=""):
+        if key not in r:
+            return
+        cells = [label, fmt(r[key], kind)]
+        for k in (key + "_spread", key + "_cpu", key + "_cpu_spread"):
+            v = r.get(k)
+            cells.append("" if v is None else f"[{fmt(v[0], kind)}, {fmt(v[1], kind)}]" if isinstance(v, list)
+                         else fmt(v, kind))
+        rows.append(cells + [target])
+
+    def note(label, text):
+        rows.append([label, text])
+
+    row("train step: stepwise / one pass", "stepwise_over_one_pass", "x", ">= 10x" if quick else ">= 20x")
+    if "one_pass_s" in r:
+        note("  one pass / stepwise, s", f"{r['one_pass_s']:.3f} / {r['stepwise_s']:.2f}")
+        note("  one pass / stepwise, image tokens/s", f"{r['one_pass_tokens_per_s']:.0f} / {r['stepwise_tokens_per_s']:.0f}")
+    row("  loss |one pass - stepwise|", "loss_max_abs_diff", "e", "~1e-6")
+    row("  logits max |one pass - stepwise|", "logits_max_abs_diff", "e")
+    row("  grads max |diff| / max |grad|", "grad_max_abs_diff_over_max_grad", "e")
+    row("peak memory: one pass / stepwise", "one_pass_peak_mem_over_stepwise", "x2", "<= 0.1x")
+    if "one_pass_peak_mb" in r:
+        note("  one pass / stepwise, MB", f"{r['one_pass_peak_mb']:.1f} / {r['stepwise_peak_mb']:.1f}")
+    row("sampling overhead: membranes attn", "membrane_sampling_overhead_attn", "%", "<= 15%")
+    row("sampling overhead: membranes attn+mlp", "membrane_sampling_overhead_attn_mlp", "%", "<= 30%")
+    row(f"sampling overhead: merged {r.get('merged_layers', '')}", "merged_sampling_overhead", "%", "|x| <= 5%")
+    row("sampling A/A: plain copy vs plain", "aa_sampling_overhead", "%", "noise floor")
+    if "merged_tokens_identical" in r:
+        note("  merged tokens == unmerged tokens", str(r["merged_tokens_identical"]))
+    if "plain_sample_s" in r:
+        note("  plain sampling, s / image tokens/s", f"{r['plain_sample_s']:.2f} / {r['plain_sample_tokens_per_s']:.0f}")
+    row("speed-up: CFG two passes / doubled batch", "cfg_two_passes_over_doubled", "x2", "> 1: doubling pays")
+    if "cfg_two_passes_tokens_identical" in r:
+        note("  two-pass tokens == doubled-batch tokens", str(r["cfg_two_passes_tokens_identical"]))
+    row("speed-up: teacher two passes / batched", "teacher_two_passes_over_batched", "x2", "> 1: batching pays")
+    row("peak memory: train step / sampling pass", "train_peak_over_sample_peak", "x2", "<= 2x")
+    if "train_peak_mb" in r:
+        note("  train / sample / after-build, MB",
+             f"{r['train_peak_mb']:.0f} / {r['sample_peak_mb']:.0f} / {r['baseline_mb']:.0f}")
+    for key in [k for k in r if k.endswith("_error")]:
+        note(f"  {key}", r[key])
+    header = ["", "median", "[min, max]", "CPU time", "[min, max]", "target"]
+    widths = [max(len(x[i]) for x in rows + [header] if len(x) == 6) for i in range(6)]
+    lines = []
+    for cells in [header] + rows:
+        if len(cells) == 2:  # a note: its text may run on
+            lines.append(f"{cells[0]:{widths[0]}}  {cells[1]}")
+        else:
+            lines.append(f"{cells[0]:{widths[0]}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells[1:5], widths[1:5]))
+                         + f"  {cells[5]}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args._child:
+            return child(args)
+        device, dtype = torch.device(args.device), DTYPES[args.dtype]
+        started = time.time()
+        model, tokenizer = build_model(args, device, dtype)
+        if args.size == "tiny":
+            name = f"tiny-wide (hidden {TINY_WIDE['hidden']}, {TINY_WIDE['layers']} layers, codebook {TINY_WIDE['codebook']})"
+        else:
+            name = f"Janus-Pro-{args.size.upper()} dims, random weights" + \
+                   (f", {args.num_layers} layers" if args.num_layers else "")
+        where = torch.cuda.get_device_name() if device.type == "cuda" else \
+            f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch thread(s)"
+        print(f"{name}; N = {args.tokens}; {args.device} {args.dtype}; {where}; torch {torch.__version__}; "
+              f"{args.pairs} pairs")
+        results = {"n_image_tokens": args.tokens, "device": args.device, "device_name": where, "model": name,
+                   "dtype": args.dtype, "threads": torch.get_num_threads(), "pairs": args.pairs,
+                   "train_batch": args.train_batch, "sample_batch": args.sample_batch, "rank": args.rank,
+                   "grad_checkpointing": args.grad_checkpointing, "quick": args.quick, "torch": torch.__version__,
+                   "transformers": __import__("transformers").__version__, "python": platform.python_version(),
+                   "memory_method_train": "torch.cuda.max_memory_allocated above the start" if device.type == "cuda"
+                   else "torch.profiler(profile_memory=True): running sum of CPU allocations and frees, peak above "
+                        "the start"}
+        sections = {"train": bench_train, "sample": bench_sample, "teacher": bench_teacher, "memory": bench_memory}
+        for section in args.sections:
+            section_started = time.time()
+            try:
+                results.update(sections[section](model, tokenizer, args, device))
+            except torch.OutOfMemoryError as e:
+                results[f"{section}_error"] = f"out of memory: {str(e).splitlines()[0]}"
+                gc.collect()
+                torch.cuda.empty_cache()
+            print(f"  {section}: {time.time() - section_started:.1f} s", flush=True)
+        results["wall_s"] = round(time.time() - started, 1)
+        print(table(results, args.quick))
+        print(f"memory: {results['memory_method_train']} (train); "
+              f"{results.get('memory_method_process', '-')} (train vs sample)")
+        print(f"total {results['wall_s']} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    except (BenchError, spm.SPMError) as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
