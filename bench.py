@@ -217,9 +217,24 @@ def peak_bytes(fn, device):
     return peak
 
 
-def max_rss_bytes():
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+def rss_bytes():
+    """(current RSS, peak RSS) of this process. Linux: VmRSS and VmHWM of /proc/self/status, whose peak
+    reset_peak_rss() can reset; elsewhere the peak is ru_maxrss (which a forked child inherits from its parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return peak, peak
+
+
+def reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: VmHWM := VmRSS
+    except OSError:
+        pass
 
 
 MB = 2 ** 20
@@ -428,9 +443,10 @@ def child(args):
     model, tokenizer = build_model(args, torch.device("cpu"), DTYPES[args.dtype])
     workload = memory_workload(model, tokenizer, args, args._child)
     gc.collect()
-    baseline = max_rss_bytes()
+    reset_peak_rss()  # the peak of the workload, not of building the model
+    baseline = rss_bytes()[0]
     workload()
-    print(json.dumps({"baseline_mb": baseline / MB, "peak_mb": max_rss_bytes() / MB}))
+    print(json.dumps({"baseline_mb": baseline / MB, "peak_mb": rss_bytes()[1] / MB}))
 
 
 def bench_memory(model, tokenizer, args, device):
@@ -463,7 +479,8 @@ def bench_memory(model, tokenizer, args, device):
             peaks[kind] = child_result["peak_mb"]
             baselines.append(child_result["baseline_mb"])
         baseline = statistics.mean(baselines)
-        method = "ru_maxrss of a fresh subprocess each (python bench.py --_child train|sample)"
+        method = "peak RSS (VmHWM, reset after the model is built) of a fresh subprocess each: " \
+                 "python bench.py --_child train|sample"
     return {"train_peak_mb": peaks["train"], "sample_peak_mb": peaks["sample"],
             "train_peak_over_sample_peak": peaks["train"] / peaks["sample"], "baseline_mb": baseline,
             "train_extra_over_sample_extra": (peaks["train"] - baseline) / max(peaks["sample"] - baseline, 1e-9),

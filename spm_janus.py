@@ -807,6 +807,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.reduce_gradients()
+        logged = torch.stack([loss.detach(), erase.detach(), anchor_loss.detach()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(logged)  # the metrics line reports the mean over all processes
+            logged /= torch.distributed.get_world_size()
         grads = [p.grad for p in self.membranes.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.membranes.parameters(), args.grad_clip or float("inf"))
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)) and bool(grads)
@@ -814,7 +818,8 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
         self.step_count += 1
-        return {"step": self.step_count, "loss": loss.item(), "erase": erase.item(), "anchor": anchor_loss.item(),
+        loss_value, erase_value, anchor_value = logged.tolist()
+        return {"step": self.step_count, "loss": loss_value, "erase": erase_value, "anchor": anchor_value,
                 "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0], "finite": finite,
                 "rollout_s": round(rollout_seconds, 4), "step_s": round(time.time() - started, 4)}
 

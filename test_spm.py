@@ -630,3 +630,36 @@ def test_random_flag_combinations_end_cleanly(tmp_path):
             assert code in (1, 2) and len(lines) == 1 and lines[0].startswith("spm_janus.py: error: "), stderr.getvalue()
 
     check()
+
+
+# -----------------------------------------------------------------------------
+# Data parallel with torchrun (gloo on CPU)
+
+
+def torchrun(*argv):
+    return run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv)
+
+
+def test_torchrun_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    common = ["--model", "tiny", "--concept", "mouse", "--anchor", "latent", "--sample-every", "0"]
+    single = run_cli("spm_janus.py", *common, "--batch-size", "2", "--steps", "3", "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    parallel = torchrun("spm_janus.py", *common, "--batch-size", "1", "--steps", "3", "--out", str(tmp_path / "ddp"))
+    assert parallel.returncode == 0, parallel.stderr
+    interrupted = torchrun("spm_janus.py", *common, "--batch-size", "1", "--steps", "2", "--out", str(tmp_path / "resumed"))
+    assert interrupted.returncode == 0, interrupted.stderr
+    resumed = torchrun("spm_janus.py", *common, "--batch-size", "1", "--steps", "3", "--resume", str(tmp_path / "resumed"))
+    assert resumed.returncode == 0, resumed.stderr
+    expected = membrane_tensors(tmp_path / "single" / "membranes.safetensors")
+    assert any(v.abs().max() > 1e-4 for k, v in expected.items() if k.endswith(".up"))
+    for run in ("ddp", "resumed"):
+        got = membrane_tensors(tmp_path / run / "membranes.safetensors")
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["membranes.safetensors", "metrics.jsonl",
+                                                                     "trainer_state.pt"]
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 alone writes
+    assert spm.read_checkpoint(tmp_path / "ddp" / "membranes.safetensors")[1]["config"]["world_size"] == 2
+    sampled = run_cli("sample.py", "--ckpt", str(tmp_path / "ddp" / "membranes.safetensors"), "--n", "1",
+                      "--out", str(tmp_path / "s.png"))
+    assert sampled.returncode == 0, sampled.stderr
