@@ -321,9 +321,16 @@ def bench_train(model, tokenizer, args, device):
         def stepwise():
             step("stepwise", lambda: stepwise_logits(model, cond, mask, codes))
 
-        timing = rounds({"one_pass": one_pass, "stepwise": stepwise}, args, device)["stepwise"]
-        if "one_pass" not in last:  # --warmup 0 --pairs 0 cannot happen, but keep the check honest
-            one_pass(), stepwise()
+        try:
+            timing = rounds({"one_pass": one_pass, "stepwise": stepwise}, args, device)["stepwise"]
+        except torch.OutOfMemoryError:  # stepwise keeps every step's KV cache in the graph: O(N^2) memory
+            last.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            times = [seconds(one_pass, device)[0] for _ in range(args.warmup + args.pairs)][args.warmup:]
+            one_s = statistics.median(times)
+            return {"stepwise_error": "out of memory", "one_pass_s": one_s, "one_pass_tokens_per_s": B * N / one_s,
+                    "one_pass_peak_mb": peak_bytes(one_pass, device) / MB}
         (loss_a, logits_a, grads_a), (loss_b, logits_b, grads_b) = last["one_pass"], last["stepwise"]
         grad_scale = max(g.abs().max().item() for g in grads_a)
         result = {"loss": loss_a, "loss_max_abs_diff": abs(loss_a - loss_b),
@@ -376,6 +383,8 @@ def bench_sample(model, tokenizer, args, device):
             handle.detach()
         twins.clear()
         gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     result = {"plain_sample_s": timing["attn"]["base_s"],
               "plain_sample_tokens_per_s": args.sample_batch * args.tokens / timing["attn"]["base_s"],
               "merged_layers": MERGED_LAYERS,
@@ -425,23 +434,23 @@ def trainer_for(model, tokenizer, args):
 
 
 def memory_workload(model, tokenizer, args, kind):
-    """A zero-argument callable: one real training step (rollout, teacher, student, backward, AdamW), or a plain
+    """(fn, membranes or None): one real training step (rollout, teacher, student, backward, AdamW), or a plain
     sampling pass over as many rows as that step's rollout (concept + anchor prompts)."""
     if kind == "train":
-        trainer, _ = trainer_for(model, tokenizer, args)
+        trainer, membranes = trainer_for(model, tokenizer, args)
 
         def train_step():
             with training_mode(model, args.grad_checkpointing):
                 trainer.step()
-        return train_step
+        return train_step, membranes
     seeds = list(range(2 * args.train_batch))
-    return lambda: spm.sample_prompts(model, tokenizer, [PROMPT], seeds, CFG, TEMPERATURE)
+    return (lambda: spm.sample_prompts(model, tokenizer, [PROMPT], seeds, CFG, TEMPERATURE)), None
 
 
 def child(args):
     """Hidden --_child train|sample: a fresh process, whose peak RSS is the workload's whole-process peak."""
     model, tokenizer = build_model(args, torch.device("cpu"), DTYPES[args.dtype])
-    workload = memory_workload(model, tokenizer, args, args._child)
+    workload = memory_workload(model, tokenizer, args, args._child)[0]
     gc.collect()
     reset_peak_rss()  # the peak of the workload, not of building the model
     baseline = rss_bytes()[0]
@@ -454,7 +463,7 @@ def bench_memory(model, tokenizer, args, device):
     if device.type == "cuda":  # everything allocated on the GPU, weights included: the whole-process analogue
         peaks = {}
         for kind in ("sample", "train"):
-            workload = memory_workload(model, tokenizer, args, kind)
+            workload, membranes = memory_workload(model, tokenizer, args, kind)
             workload()  # warm-up: the optimizer state and caches exist in a long run too
             gc.collect()
             torch.cuda.synchronize()
@@ -462,20 +471,26 @@ def bench_memory(model, tokenizer, args, device):
             workload()
             torch.cuda.synchronize()
             peaks[kind] = torch.cuda.max_memory_allocated() / MB
+            if membranes is not None:
+                membranes.detach()
         baseline = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
         method = "torch.cuda.max_memory_allocated (weights included), in this process"
     else:
+        command = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--tokens", str(args.tokens),
+                   "--train-batch", str(args.train_batch), "--rank", str(args.rank), "--threads", str(args.threads),
+                   "--dtype", args.dtype, "--seed", str(args.seed)] + \
+                  (["--num-layers", str(args.num_layers)] if args.num_layers else []) + \
+                  (["--grad-checkpointing"] if args.grad_checkpointing else [])
+        # Both at once: a process' RSS does not depend on who else runs, and each child spends most of its time
+        # importing torch and transformers.
+        children = {kind: subprocess.Popen(command + ["--_child", kind], stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True) for kind in ("train", "sample")}
         peaks, baselines = {}, []
-        for kind in ("train", "sample"):
-            command = [sys.executable, os.path.abspath(__file__), "--_child", kind, "--size", args.size,
-                       "--tokens", str(args.tokens), "--train-batch", str(args.train_batch), "--rank", str(args.rank),
-                       "--threads", str(args.threads), "--dtype", args.dtype, "--seed", str(args.seed)]
-            if args.num_layers:
-                command += ["--num-layers", str(args.num_layers)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"memory child {kind} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-            child_result = json.loads(done.stdout.strip().splitlines()[-1])
+        for kind, process in children.items():
+            out, err = process.communicate()
+            if process.returncode:
+                raise RuntimeError(f"memory child {kind} failed: {(err.strip().splitlines() or ['?'])[-1]}")
+            child_result = json.loads(out.strip().splitlines()[-1])
             peaks[kind] = child_result["peak_mb"]
             baselines.append(child_result["baseline_mb"])
         baseline = statistics.mean(baselines)

@@ -7,6 +7,7 @@ Sample images from Janus-Pro with erased concepts, or without any membranes.
 Everything about the membranes (model, modules, rank, scope, ...) is read from the checkpoint's metadata.
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -19,7 +20,9 @@ def build_parser():
     parser = spm.OneLineParser(prog="sample.py", description="Sample Janus-Pro images with and without SPM membranes.",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("model")
-    g.add_argument("--ckpt", default=None, help="membranes.safetensors of a run (omit for plain Janus sampling)")
+    g.add_argument("--ckpt", action="append", default=None,
+                   help="membranes.safetensors of a run; repeat to load membranes of several runs together "
+                        "(omit for plain Janus sampling)")
     g.add_argument("--model", default=None, help="base model; overrides the checkpoint's (required without --ckpt)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="base weight dtype (default: the run's)")
@@ -34,6 +37,15 @@ def build_parser():
     g.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's generation config)")
     g.add_argument("--temperature", type=float, default=None, help="temperature (default: the model's)")
     g.add_argument("--strength", type=float, default=1.0, help="membrane multiplier (0 = base model)")
+    g.add_argument("--transport", action="store_true",
+                   help="facilitated transport: each membrane's strength per prompt is min(1, factor * match), "
+                        "match = max(embedding cosine of prompt and concept, share of the concept's tokens in it)")
+    g.add_argument("--transport-factor", type=float, default=1.0, help="the factor of --transport")
+
+    g = parser.add_argument_group("checks")
+    g.add_argument("--understanding", action="store_true",
+                   help="also compare understanding (image+question and text-only) next-token distributions with "
+                        "the membranes on and off: KL and top-1 agreement")
 
     g = parser.add_argument_group("output")
     g.add_argument("--compare", action="store_true", help="grid with base and erased columns for the same seeds")
@@ -50,38 +62,69 @@ def output_path(out, compare):
     return out / ("compare.png" if compare else "samples.png")
 
 
+def load_all_membranes(paths, model, tokenizer):
+    """Membranes of several runs on one base model: their deltas add, each keeps its own strength."""
+    loaded = []
+    for path in paths:
+        membranes, metadata = spm.load_membranes(path, model, tokenizer)
+        if loaded and membranes.scope != loaded[0][0].scope:
+            raise spm.SPMError(f"--ckpt {path}: scope {membranes.scope} differs from --ckpt {paths[0]}'s scope "
+                               f"{loaded[0][0].scope}; membranes loaded together must share the scope", 2)
+        loaded.append((membranes, metadata))
+    return loaded
+
+
 def run(args):
     if args.n < 1:
         raise spm.SPMError(f"--n {args.n} must be at least 1", 2)
-    config, metadata = {}, None
-    if args.ckpt:
-        _, metadata = spm.read_checkpoint(args.ckpt)  # one-line errors for missing or corrupt files
-        config = metadata["config"]
-    elif args.compare:
-        raise spm.SPMError("--compare needs --ckpt: there is nothing to compare the base model with", 2)
+    checkpoints = args.ckpt or []
+    metadatas = [spm.read_checkpoint(path)[1] for path in checkpoints]  # one-line errors for missing or bad files
+    config = metadatas[0]["config"] if metadatas else {}
+    if not checkpoints and (args.compare or args.transport or args.understanding):
+        raise spm.SPMError("--compare, --transport and --understanding need --ckpt: there are no membranes", 2)
+    models = {m["config"].get("model") for m in metadatas}
+    if len(models) > 1 and not args.model:
+        raise spm.SPMError(f"the checkpoints were made for different models ({', '.join(sorted(map(str, models)))}): "
+                           f"pass --model", 2)
     model_name = args.model or config.get("model")
     if not model_name:
         raise spm.SPMError("no model: pass --ckpt of a run, or --model (a hub id, a local directory, or tiny)", 2)
     device = spm.pick_device(args.device)
     spm.set_threads(args.threads, spm.load_config(model_name), device)
     model, tokenizer = spm.load_model(model_name, args.dtype or config.get("dtype", "float32"), device)
-    membranes = spm.load_membranes(args.ckpt, model, tokenizer)[0] if args.ckpt else None
+    loaded = load_all_membranes(checkpoints, model, tokenizer)
     cfg, temperature = spm.generation_defaults(model)
     cfg = args.cfg if args.cfg is not None else cfg
     temperature = args.temperature if args.temperature is not None else temperature
-    prompts = args.prompt or [f"a {c}" for c in config.get("concept", [])] + \
+    concepts = [c for m in metadatas for c in m["config"].get("concept", [])]
+    prompts = args.prompt or [f"a {c}" for c in concepts] + \
         [f"a {c}" for c in (config.get("anchor_prompts") or [])[:3]] or ["a photo of a cat"]
     seeds = list(range(args.seed, args.seed + args.n))
 
-    def draw(enabled):
-        if membranes is None:
-            return spm.sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature)
-        with membranes.switched(enabled), membranes.strength(args.strength):
-            return spm.sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature)
+    strengths = []  # per prompt, one strength per loaded membrane set
+    for prompt in prompts:
+        row = [args.strength * (spm.transport_strength(model, tokenizer, prompt, m["config"]["concept"],
+                                                       args.transport_factor) if args.transport else 1.0)
+               for _, m in loaded]
+        strengths.append(row)
+        if args.transport:
+            print(f"{prompt!r}: strength " + ", ".join(f"{'+'.join(m['config']['concept'])} {s:.3f}"
+                                                        for (_, m), s in zip(loaded, row)))
 
-    erased = draw(True)  # [P, n, N]
+    def draw(enabled):
+        """Codes [P, n, N], each prompt at its own strengths."""
+        codes = []
+        for prompt, row in zip(prompts, strengths):
+            with contextlib.ExitStack() as stack:
+                for (membranes, _), strength in zip(loaded, row):
+                    stack.enter_context(membranes.switched(enabled))
+                    stack.enter_context(membranes.strength(strength))
+                codes.append(spm.sample_prompts(model, tokenizer, [prompt], seeds, cfg, temperature)[0])
+        return torch.stack(codes)
+
+    erased = draw(True)
     rows = [spm.decode_images(model, codes) for codes in erased]
-    columns = [f"{'erased' if membranes else 'seed'} {s}" for s in seeds]
+    columns = [f"{'erased' if loaded else 'seed'} {s}" for s in seeds]
     if args.compare:
         base = draw(False)
         rows = [torch.cat([spm.decode_images(model, b), r]) for b, r in zip(base, rows)]
@@ -90,6 +133,17 @@ def run(args):
     grid = spm.image_grid(rows, prompts, columns)
     spm.save_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {path}")
+    if args.understanding:
+        images = torch.cat(rows)[: 2 * len(prompts)]
+        questions = [f"Is there a {c} in this image ?" for c in concepts] or ["What is in this image ?"]
+        for name, pictures in (("image+question", images), ("text only", None)):
+            for membranes, metadata in loaded:
+                asked = questions * (len(images) // len(questions) + 1) if pictures is not None else questions + prompts
+                asked = asked[:len(images)] if pictures is not None else asked
+                drift = spm.understanding_drift(model, tokenizer, membranes, asked, pictures)
+                print(f"understanding, {name}, {'+'.join(metadata['config']['concept'])} (scope {membranes.scope}): "
+                      f"KL {drift['kl']:.3g}, top-1 agreement {drift['top1_agreement']:.3f}, "
+                      f"max |logit diff| {drift['max_abs_logit_diff']:.3g}")
     return path
 
 

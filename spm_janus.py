@@ -72,6 +72,8 @@ class MembraneLinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, state: MembraneState, generator=None):
         super().__init__()
         self.base = base
+        # like an nn.Linear from outside, so that membranes of another run can wrap this one: their deltas add
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
         self.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
         with torch.no_grad():  # nn.Linear's default bound, drawn from a seeded generator so runs repeat exactly
@@ -94,6 +96,10 @@ class MembraneLinear(nn.Module):
             return out + delta
         return out.add_(delta)  # sampling: one op less, no new tensor
 
+    @property
+    def weight(self):
+        return self.base.weight
+
     def merged_delta(self):
         """multiplier * scale * up @ down, the [out, in] update that merging adds to W."""
         multiplier = self.state.multiplier
@@ -108,13 +114,13 @@ class Membranes:
     Disabled membranes make the model exactly the base model: that is the teacher.
     """
 
-    def __init__(self, model, names, rank=1, alpha=1.0, scope="image", boi_token_id=None, seed=0):
+    def __init__(self, model, names, rank=1, alpha=1.0, scope="image", image_token_ids=None, seed=0):
         if scope not in ("image", "prompt", "all"):
             raise SPMError(f"unknown scope {scope!r}: use image, prompt or all", 2)
-        if scope != "all" and boi_token_id is None:
-            raise SPMError("scope image/prompt needs the <begin_of_image> token id", 2)
+        if scope != "all" and image_token_ids is None:
+            raise SPMError("scope image/prompt needs the ids of <begin_of_image> and <end_of_image>", 2)
         self.model, self.names, self.rank, self.alpha, self.scope = model, list(names), rank, alpha, scope
-        self.boi_token_id = boi_token_id
+        self.image_token_ids = image_token_ids  # (begin_of_image, end_of_image)
         self.state = MembraneState()
         self.modules = {}
         for name in self.names:
@@ -124,7 +130,7 @@ class Membranes:
             wrapper = MembraneLinear(getattr(parent, attr), rank, alpha, self.state, generator)
             setattr(parent, attr, wrapper)
             self.modules[name] = wrapper
-        self._in_image = None  # per row: did the running KV-cached generation reach the image part?
+        self._generating = None  # per row: is the running KV-cached pass generating an image?
         self._hook = None
         if scope != "all":
             language_model = model.model.language_model
@@ -132,24 +138,31 @@ class Membranes:
 
     # -- which token positions the membranes act on --
     def _set_gate(self, module, args, kwargs):
+        """Image generation starts at a row's last <begin_of_image> when no <end_of_image> closes it: the
+        <begin_of_image> position itself predicts the first image token. An image given to understand sits between
+        <begin_of_image> and <end_of_image>, so understanding never counts as generation."""
         embeds = kwargs.get("inputs_embeds")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         batch, length = (embeds.shape[:2] if embeds is not None else input_ids.shape)
-        if cache is not None and cache.get_seq_length() > 0 and self._in_image is not None \
-                and self._in_image.shape[0] == batch:
-            image = self._in_image[:, None].expand(batch, length)  # a KV-cached step continues its row's part
+        if cache is not None and cache.get_seq_length() > 0 and self._generating is not None \
+                and self._generating.shape[0] == batch:
+            image = self._generating[:, None].expand(batch, length)  # a KV-cached step continues its row
         else:
-            if embeds is not None:
-                boi = module.get_input_embeddings().weight[self.boi_token_id].to(embeds.dtype)
-                is_boi = (embeds == boi).all(-1)
-            else:
-                is_boi = input_ids == self.boi_token_id
-            # The <begin_of_image> position belongs to the image: its output predicts the first image token.
-            image = is_boi.cumsum(1) > 0
-            self._in_image = image[:, -1]
+            marks = []
+            for token_id in self.image_token_ids:
+                if embeds is not None:
+                    vector = module.get_input_embeddings().weight[token_id].to(embeds.dtype)
+                    marks.append((embeds == vector).all(-1))
+                else:
+                    marks.append(input_ids == token_id)
+            index = torch.arange(1, length + 1, device=marks[0].device)
+            last_begin, last_end = ((mark * index).amax(1) for mark in marks)  # 0 = none in the row
+            open_image = last_begin > last_end
+            image = open_image[:, None] & (index[None] >= last_begin[:, None])
+            self._generating = open_image
         gate = image if self.scope == "image" else ~image
-        self.state.gate = gate[..., None].to(self.modules[self.names[0]].down.weight.dtype)
+        self.state.gate = gate[..., None].to(torch.float32)
 
     # -- folding the delta into W, for sampling at no extra cost --
     def merge(self):
@@ -289,7 +302,7 @@ def attach_membranes(model, tokenizer, layers="attn", modules=None, attn_layer_i
         raise SPMError(f"--rank {rank} must be at least 1", 2)
     names = membrane_targets(model.config.text_config.num_hidden_layers, layers, modules,
                              attn_layer_ids, mlp_layer_ids)
-    return Membranes(model, names, rank, alpha, scope, special_ids(tokenizer)["boi"], seed)
+    return Membranes(model, names, rank, alpha, scope, image_token_ids(tokenizer), seed)
 
 
 # -----------------------------------------------------------------------------
@@ -324,7 +337,8 @@ def janus_config(vocab_size, hidden=64, intermediate=128, layers=2, heads=4, gri
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=context, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     vision = JanusVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=grid * patch, patch_size=patch, num_image_tokens=grid * grid)
+                               image_size=grid * patch, patch_size=patch, num_image_tokens=grid * grid,
+                               projection_dim=hidden)
     vq = JanusVQVAEConfig(embed_dim=vq_embed_dim, num_embeddings=codebook, latent_channels=32,
                           base_channels=vq_channels, channel_multiplier=list(vq_multiplier), num_res_blocks=1,
                           num_patches=grid, image_token_embed_dim=hidden, projection_dim=hidden)
@@ -419,6 +433,11 @@ def load_model(name, dtype="float32", device="cpu"):
             set_generation_defaults(model, tokenizer, gen.guidance_scale or 5.0, gen.temperature or 1.0)
     model.requires_grad_(False).eval().to(device)
     return model, tokenizer
+
+
+def image_token_ids(tokenizer):
+    """(<begin_of_image>, <end_of_image>) ids: they tell generation positions from an image being understood."""
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.boi_token, tokenizer.eoi_token))
 
 
 def special_ids(tokenizer):
@@ -640,13 +659,104 @@ def load_membranes(path, model, tokenizer):
             raise SPMError(f"{path}: made for another model ({metadata['model']}, {key} {value}); this model has "
                            f"{key} {signature.get(key)}: pass the checkpoint's base model as --model", 1)
     membranes = Membranes(model, metadata["modules"], int(metadata["rank"]), float(metadata["alpha"]),
-                          metadata["scope"], special_ids(tokenizer)["boi"])
+                          metadata["scope"], image_token_ids(tokenizer))
     try:
         membranes.load_state_dict(tensors, source=str(path))
     except SPMError:
         membranes.detach()
         raise
     return membranes, metadata
+
+
+def export_peft(ckpt, out_dir):
+    """Write scope-all membranes as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors):
+    down is lora_A [rank, in], up is lora_B [out, rank], and PEFT's scaling lora_alpha / r is ours."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = read_checkpoint(ckpt)
+    if metadata["scope"] != "all":
+        raise SPMError(f"{ckpt}: scope {metadata['scope']} cannot be a PEFT LoRA adapter, which acts on every "
+                       f"position: only membranes trained with --scope all can be exported", 2)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora = {}
+    for name in metadata["modules"]:
+        lora[f"base_model.model.{name}.lora_A.weight"] = tensors[f"{name}.down"]
+        lora[f"base_model.model.{name}.lora_B.weight"] = tensors[f"{name}.up"]
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": metadata["model"],
+              "r": int(metadata["rank"]), "lora_alpha": float(metadata["alpha"]), "lora_dropout": 0.0,
+              "target_modules": metadata["modules"], "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
+    save_atomic(out_dir / "adapter_model.safetensors", lambda tmp: save_file(lora, tmp))
+    save_atomic(out_dir / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# Inference helpers: facilitated transport, understanding drift
+
+
+def prompt_concept_match(model, tokenizer, prompt, concept):
+    """How much a prompt is about a concept, in [0, 1]: the larger of
+    - the cosine between the mean-pooled input embeddings of prompt and concept. Input embeddings, not hidden
+      states: the embedding table is frozen and never behind a membrane, so the score is the same with membranes
+      on or off, costs no forward pass, and does not depend on the chat template around the prompt;
+    - the share of the concept's tokens found in the prompt."""
+    embed = model.get_input_embeddings()
+    prompt_ids = tokenizer(f" {prompt}", add_special_tokens=False).input_ids
+    concept_ids = tokenizer(f" {concept}", add_special_tokens=False).input_ids
+    device = embed.weight.device
+    with torch.no_grad():
+        prompt_vector = embed(torch.tensor(prompt_ids, device=device)).float().mean(0)
+        concept_vector = embed(torch.tensor(concept_ids, device=device)).float().mean(0)
+        cosine = F.cosine_similarity(prompt_vector, concept_vector, 0).item()
+    share = sum(token in prompt_ids for token in concept_ids) / max(1, len(concept_ids))
+    return max(cosine, share)
+
+
+def transport_strength(model, tokenizer, prompt, concepts, factor=1.0):
+    """SPM's facilitated transport: a membrane acts on a prompt with strength min(1, factor * match)."""
+    return min(1.0, factor * max(prompt_concept_match(model, tokenizer, prompt, c) for c in concepts))
+
+
+def understanding_inputs(tokenizer, model, questions, pixel_values=None):
+    """Janus understanding prompts: '<|User|>: [<begin_of_image> image <end_of_image>]\n{question}\n\n<|Assistant|>:'."""
+    image = ""
+    if pixel_values is not None:
+        count = model.config.vision_config.num_image_tokens
+        image = f"{tokenizer.boi_token}{tokenizer.image_token * count}{tokenizer.eoi_token}\n"
+    batch = tokenizer([f"<|User|>: {image}{q}\n\n<|Assistant|>:" for q in questions], return_tensors="pt",
+                      padding=True)
+    device = next(model.parameters()).device
+    return batch.input_ids.to(device), batch.attention_mask.to(device)
+
+
+def pixels_for_understanding(model, images):
+    """uint8 [B, H, W, 3] pictures -> pixel_values [B, 3, S, S] in [-1, 1] at the vision tower's size."""
+    size = model.config.vision_config.image_size
+    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+    return pixels.to(next(model.parameters()))
+
+
+@torch.no_grad()
+def understanding_drift(model, tokenizer, membranes, questions, images=None):
+    """Next-token distributions of understanding inputs, membranes off vs on: mean KL(off || on), the share of
+    rows whose top-1 token agrees, and the largest absolute logit difference."""
+    pixel_values = None if images is None else pixels_for_understanding(model, images)
+    input_ids, mask = understanding_inputs(tokenizer, model, questions, pixel_values)
+
+    def next_token_logits():
+        out = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    with membranes.disabled():
+        base = next_token_logits()
+    with membranes.enabled():
+        erased = next_token_logits()
+    kl = (F.softmax(base, -1) * (F.log_softmax(base, -1) - F.log_softmax(erased, -1))).sum(-1)
+    return {"kl": kl.mean().item(), "top1_agreement": (base.argmax(-1) == erased.argmax(-1)).float().mean().item(),
+            "max_abs_logit_diff": (base - erased).abs().max().item()}
 
 
 # -----------------------------------------------------------------------------
@@ -1174,10 +1284,21 @@ def train(args):
     return out
 
 
+def export_main(argv):
+    parser = OneLineParser(prog="spm_janus.py export-peft",
+                           description="Write membranes of scope all as a PEFT LoRA adapter.")
+    parser.add_argument("--ckpt", required=True, help="membranes.safetensors of a run trained with --scope all")
+    parser.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
+    args = parser.parse_args(argv)
+    print(f"wrote {export_peft(args.ckpt, args.out)}")
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        train(args)
+        if argv[:1] == ["export-peft"]:
+            return export_main(argv[1:])
+        train(build_parser().parse_args(argv))
     except SPMError as e:
         print(f"spm_janus.py: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

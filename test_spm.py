@@ -663,3 +663,107 @@ def test_torchrun_two_processes_equal_one_process_with_the_whole_batch(tmp_path)
     sampled = run_cli("sample.py", "--ckpt", str(tmp_path / "ddp" / "membranes.safetensors"), "--n", "1",
                       "--out", str(tmp_path / "s.png"))
     assert sampled.returncode == 0, sampled.stderr
+
+
+# -----------------------------------------------------------------------------
+# Inference: facilitated transport, several membranes, understanding, PEFT
+
+
+def test_transport_strength():
+    model, tokenizer = tiny()
+    assert spm.transport_strength(model, tokenizer, "a red mouse", ["mouse"]) == 1.0
+    unrelated = spm.transport_strength(model, tokenizer, "a blue car", ["mouse"])
+    assert 0 <= unrelated < 1.0
+    assert spm.transport_strength(model, tokenizer, "a blue car", ["mouse"], factor=0.5) == pytest.approx(unrelated / 2)
+
+
+def test_strength_zero_gives_exactly_the_base_logits():
+    model, tokenizer = tiny()
+    codes = codes_for(model, tokenizer)
+    base = all_logits(model, tokenizer, codes)
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all")
+    randomise(membranes)
+    with membranes.strength(0.0):
+        assert torch.equal(all_logits(model, tokenizer, codes), base)
+
+
+def test_two_membranes_add_at_every_module():
+    model, tokenizer = tiny()
+    first = spm.attach_membranes(model, tokenizer, layers="attn", scope="all", seed=1)
+    second = spm.attach_membranes(model, tokenizer, layers="attn+mlp", attn_layer_ids="1", scope="all", seed=2)
+    randomise(first, 1), randomise(second, 2)
+    first.state.multiplier, second.state.multiplier = 0.7, 0.3
+    x = torch.randn(2, 5, model.config.text_config.hidden_size)
+    for name, linear in model.named_modules():
+        if not isinstance(linear, torch.nn.Linear) or "language_model.layers" not in name or ".down" in name \
+                or ".up" in name:
+            continue
+        module_name = name.removesuffix(".base").removesuffix(".base")
+        outer = model.get_submodule(module_name)
+        inp = torch.randn(2, 5, linear.in_features) if linear.in_features != x.shape[-1] else x
+        with torch.no_grad():
+            total = outer(inp) - linear(inp)
+            expected = torch.zeros_like(total)
+            for membranes in (first, second):
+                if module_name in membranes.modules:
+                    m = membranes.modules[module_name]
+                    expected += m.up(m.down(inp)) * m.scale * membranes.state.multiplier
+        torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    second.detach(), first.detach()
+    assert not any(isinstance(m, spm.MembraneLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("scope", ["image", "prompt", "all"])
+def test_understanding_is_identical_under_scope_image(scope):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope=scope)
+    randomise(membranes)
+    images = spm.decode_images(model, codes_for(model, tokenizer))
+    for pictures, questions in ((images, ["is there a mouse ?", "a cat"]), (None, ["a photo of a mouse", "a cat"])):
+        drift = spm.understanding_drift(model, tokenizer, membranes, questions, pictures)
+        if scope == "image":
+            assert drift == {"kl": 0.0, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0}
+        else:
+            assert drift["max_abs_logit_diff"] > 1e-3
+
+
+def test_peft_export_gives_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all", alpha=2.0)
+    randomise(membranes)
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, vars(train_args(scope="all")), step=1)
+    codes = codes_for(model, tokenizer)
+    expected = all_logits(model, tokenizer, codes)
+    result = run_cli("spm_janus.py", "export-peft", "--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "peft"))
+    assert result.returncode == 0, result.stderr
+    base, _ = tiny()
+    peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(all_logits(peft_model.base_model.model, tokenizer, codes), expected, rtol=0, atol=1e-5)
+
+
+def test_peft_export_refuses_gated_scopes(tmp_path):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, vars(train_args()), step=1)
+    with pytest.raises(spm.SPMError, match="scope image"):
+        spm.export_peft(tmp_path / "m.safetensors", tmp_path / "peft")
+
+
+def test_sample_with_two_checkpoints_and_transport(tmp_path):
+    model, tokenizer = tiny()
+    paths = []
+    for concept, seed in (("mouse", 1), ("cat", 2)):
+        membranes = spm.attach_membranes(model, tokenizer, scope="image", seed=seed)
+        randomise(membranes, seed)
+        paths += ["--ckpt", str(tmp_path / f"{concept}.safetensors")]
+        spm.save_membranes(tmp_path / f"{concept}.safetensors", membranes, vars(train_args(concept=[concept])), step=1)
+        membranes.detach()
+    result = run_cli("sample.py", *paths, "--transport", "--prompt", "a red mouse", "--prompt", "a blue car",
+                     "--n", "1", "--understanding", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    strengths = [line for line in result.stdout.splitlines() if "strength" in line]
+    assert strengths[0].startswith("'a red mouse': strength mouse 1.000")
+    mouse_strength = float(strengths[1].split("mouse ")[1].split(",")[0])
+    assert mouse_strength < 1.0
+    assert "KL 0, top-1 agreement 1.000" in result.stdout

@@ -200,18 +200,58 @@ def train_generator(model, tokenizer, steps, batch_size=64, lr=3e-3, seed=0, log
             print(f"generator step {step:4d} loss {loss.item():.4f}", flush=True)
 
 
-def train_decoder(model, steps, batch_size=16, lr=3e-3, seed=0, log_every=100):
-    """Teach the VQ decoder to paint each code as its PALETTE patch: pixel MSE on random grids and on renders."""
+def init_decoder(vq):
+    """Start the VQ decoder as nearest-neighbour upsampling of each code's feature vector: residual branches and
+    attention outputs zeroed, the other convolutions identities. From there a few hundred steps learn the colours;
+    from the random init it took thousands."""
+    from transformers.models.janus.modeling_janus import (JanusVQVAEAttnBlock, JanusVQVAEConvUpsample,
+                                                          JanusVQVAEResnetBlock)
+
+    def identity(conv):
+        conv.weight.zero_()
+        conv.bias.zero_()
+        n, k = min(conv.weight.shape[:2]), conv.weight.shape[-1] // 2
+        conv.weight[range(n), range(n), k, k] = 1.0
+
+    with torch.no_grad():
+        identity(vq.decoder.conv_in)
+        for module in vq.decoder.modules():
+            if isinstance(module, JanusVQVAEResnetBlock):
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
+                if module.in_channels != module.out_channels:
+                    identity(module.nin_shortcut)
+            elif isinstance(module, JanusVQVAEAttnBlock):
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+            elif isinstance(module, JanusVQVAEConvUpsample):
+                identity(module.conv)
+        torch.nn.init.normal_(vq.quantize.embedding.weight)  # distinct code vectors from the start
+
+
+def decoder_batch(generator, batch_size):
+    """Renders, half of them with up to 30% of the cells replaced by random codes (erasure makes broken pictures,
+    and those should be painted faithfully too), and one blank picture."""
+    codes = training_batch(generator, batch_size)[1]
+    share = torch.rand(batch_size, 1, generator=generator) * 0.3 * (torch.arange(batch_size)[:, None] % 2)
+    noise = torch.randint(CODEBOOK, codes.shape, generator=generator)
+    codes = torch.where(torch.rand(codes.shape, generator=generator) < share, noise, codes)
+    codes[0] = BACKGROUND
+    return codes
+
+
+def train_decoder(model, steps, batch_size=8, lr=3e-3, seed=0, log_every=100):
+    """Teach the VQ decoder to paint each code as its PALETTE patch (pixel MSE). The decoder's GroupNorms make every
+    pixel depend a little on the whole picture, so it is trained on the kind of pictures it will be shown."""
     vq = model.model.vqmodel
+    init_decoder(vq)
     params = [p for mod in (vq.quantize, vq.post_quant_conv, vq.decoder) for p in mod.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=steps // 20)
-        # Random grids teach every code at every cell; renders teach the pictures that are actually shown.
-        noise = torch.randint(CODEBOOK, (batch_size // 2, GRID * GRID), generator=generator)
-        codes = torch.cat([noise, training_batch(generator, batch_size - batch_size // 2)[1]])
+        codes = decoder_batch(generator, batch_size)
         loss = F.mse_loss(vq.decode(codes), palette_pixels(codes))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
