@@ -8,6 +8,7 @@ Everything about the membranes (model, modules, rank, scope, ...) is read from t
 """
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def build_parser():
     g = parser.add_argument_group("sampling")
     g.add_argument("--prompt", action="append", default=None,
                    help="prompt; repeatable (default: the run's concepts and sample prompts)")
-    g.add_argument("--n", type=int, default=4, help="samples per prompt")
+    g.add_argument("--n", type=int, default=None, help="samples per prompt (default: 4, or 32 with --eval)")
     g.add_argument("--seed", type=int, default=0, help="first seed; sample k of a prompt uses seed + k")
     g.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's generation config)")
     g.add_argument("--temperature", type=float, default=None, help="temperature (default: the model's)")
@@ -46,6 +47,14 @@ def build_parser():
     g.add_argument("--understanding", action="store_true",
                    help="also compare understanding (image+question and text-only) next-token distributions with "
                         "the membranes on and off: KL and top-1 agreement")
+
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true",
+                   help="sample every prompt with the membranes off (base) and on (erased) with the same seeds, judge "
+                        "each picture, print target rate and retention per concept (default prompts: the toy world's "
+                        "objects x templates)")
+    g.add_argument("--judge", default="toy", choices=["toy"], help="who names the object in a picture")
+    g.add_argument("--json", default=None, help="with --eval: write the per-prompt counts to this JSON file")
 
     g = parser.add_argument_group("output")
     g.add_argument("--compare", action="store_true", help="grid with base and erased columns for the same seeds")
@@ -74,14 +83,81 @@ def load_all_membranes(paths, model, tokenizer):
     return loaded
 
 
+def eval_prompts(run_templates):
+    """The toy world's objects x templates: (prompt, object, held out of the erasure training?)."""
+    import toy_janus as toy
+
+    prompts = []
+    for i, obj in enumerate(toy.OBJECTS):
+        for j, template in enumerate(toy.EVAL_TEMPLATES):
+            prompt = toy.make_prompt(template, obj, toy.COLORS[(i + j) % len(toy.COLORS)])
+            prompts.append((prompt, obj, template.replace("{object}", "{}") not in run_templates))
+    return prompts
+
+
+def prompted_object(prompt, objects):
+    words = prompt.split()
+    return next((o for o in objects if o in words), None)
+
+
+def toy_judge(model_name):
+    if model_name != "toy" and Path(model_name).resolve() != spm.toy_model_dir():
+        raise spm.SPMError(f"--judge toy only knows the toy model, not {model_name}: evaluate a --model toy run", 2)
+    import toy_janus as toy
+
+    return lambda codes, prompts: [obj for obj, _ in toy.judge_batch(codes)], toy.OBJECTS
+
+
+def evaluate(draw, prompts, judge, n, json_path=None, concepts=()):
+    """Judge base and erased samples of every prompt; print the table; write {"prompts": [...]} as JSON."""
+    records, rows = [], []
+    base_codes, erased_codes = draw(False, [p for p, _, _ in prompts]), draw(True, [p for p, _, _ in prompts])
+    for (prompt, obj, held_out), base, erased in zip(prompts, base_codes, erased_codes):
+        counts = {}
+        for side, codes in (("base", base), ("erased", erased)):
+            counts[side] = {}
+            for label in judge(codes, [prompt] * len(codes)):
+                counts[side][label] = counts[side].get(label, 0) + 1
+        records.append({"prompt": prompt, "n": n, "base": counts["base"], "erased": counts["erased"]})
+        rows.append((obj, held_out, counts))
+    print(f"{'concept':<10} {'templates':<10} {'base':>7} {'erased':>7} {'retention':>9}   (share judged as the "
+          f"prompted object, {n} samples per prompt)")
+    for obj in dict.fromkeys(o for o, _, _ in rows):
+        kinds = [("trained", False), ("held-out", True)] if obj in concepts else [("all", None)]
+        for kind, held in kinds:
+            selected = [c for o, h, c in rows if o == obj and (held is None or h == held)]
+            if not selected:
+                continue
+            total = n * len(selected)
+            base_rate = sum(c["base"].get(obj, 0) for c in selected) / total
+            erased_rate = sum(c["erased"].get(obj, 0) for c in selected) / total
+            retention = erased_rate / base_rate if base_rate else float("nan")
+            print(f"{obj + (' *' if obj in concepts else ''):<10} {kind:<10} {base_rate:>7.1%} {erased_rate:>7.1%} "
+                  f"{retention:>9.2f}")
+    others = [c for o, _, c in rows if o not in concepts and o is not None]
+    if concepts and others:
+        kept = sum(c["erased"].get(o, 0) for o, _, c in rows if o not in concepts and o is not None)
+        base_kept = sum(c["base"].get(o, 0) for o, _, c in rows if o not in concepts and o is not None)
+        print(f"{'others':<10} {'all':<10} {base_kept / (n * len(others)):>7.1%} {kept / (n * len(others)):>7.1%} "
+              f"{kept / max(1, base_kept):>9.2f}   (* = erased)")
+    if json_path:
+        payload = json.dumps({"prompts": records}, indent=1)
+        spm.save_atomic(json_path, lambda tmp: Path(tmp).write_text(payload))
+        print(f"wrote {json_path}")
+    return records
+
+
 def run(args):
+    args.n = args.n or (32 if args.eval else 4)
     if args.n < 1:
         raise spm.SPMError(f"--n {args.n} must be at least 1", 2)
+    if args.json and not args.eval:
+        raise spm.SPMError("--json goes with --eval", 2)
     checkpoints = args.ckpt or []
     metadatas = [spm.read_checkpoint(path)[1] for path in checkpoints]  # one-line errors for missing or bad files
     config = metadatas[0]["config"] if metadatas else {}
-    if not checkpoints and (args.compare or args.transport or args.understanding):
-        raise spm.SPMError("--compare, --transport and --understanding need --ckpt: there are no membranes", 2)
+    if not checkpoints and (args.compare or args.transport or args.understanding or args.eval):
+        raise spm.SPMError("--compare, --transport, --understanding and --eval need --ckpt: there are no membranes", 2)
     models = {m["config"].get("model") for m in metadatas}
     if len(models) > 1 and not args.model:
         raise spm.SPMError(f"the checkpoints were made for different models ({', '.join(sorted(map(str, models)))}): "
@@ -89,6 +165,8 @@ def run(args):
     model_name = args.model or config.get("model")
     if not model_name:
         raise spm.SPMError("no model: pass --ckpt of a run, or --model (a hub id, a local directory, or tiny)", 2)
+    if args.eval:
+        judge, objects = toy_judge(model_name)  # before any weights load
     device = spm.pick_device(args.device)
     spm.set_threads(args.threads, spm.load_config(model_name), device)
     model, tokenizer = spm.load_model(model_name, args.dtype or config.get("dtype", "float32"), device)
@@ -101,32 +179,37 @@ def run(args):
         [f"a {c}" for c in (config.get("anchor_prompts") or [])[:3]] or ["a photo of a cat"]
     seeds = list(range(args.seed, args.seed + args.n))
 
-    strengths = []  # per prompt, one strength per loaded membrane set
-    for prompt in prompts:
-        row = [args.strength * (spm.transport_strength(model, tokenizer, prompt, m["config"]["concept"],
-                                                       args.transport_factor) if args.transport else 1.0)
-               for _, m in loaded]
-        strengths.append(row)
-        if args.transport:
-            print(f"{prompt!r}: strength " + ", ".join(f"{'+'.join(m['config']['concept'])} {s:.3f}"
-                                                        for (_, m), s in zip(loaded, row)))
+    def strengths(prompt):
+        """One strength per loaded membrane set; facilitated transport sets it from the prompt."""
+        return [args.strength * (spm.transport_strength(model, tokenizer, prompt, m["config"]["concept"],
+                                                        args.transport_factor) if args.transport else 1.0)
+                for _, m in loaded]
 
-    def draw(enabled):
+    def draw(enabled, prompts):
         """Codes [P, n, N], each prompt at its own strengths."""
         codes = []
-        for prompt, row in zip(prompts, strengths):
+        for prompt in prompts:
             with contextlib.ExitStack() as stack:
-                for (membranes, _), strength in zip(loaded, row):
+                for (membranes, _), strength in zip(loaded, strengths(prompt)):
                     stack.enter_context(membranes.switched(enabled))
                     stack.enter_context(membranes.strength(strength))
                 codes.append(spm.sample_prompts(model, tokenizer, [prompt], seeds, cfg, temperature)[0])
         return torch.stack(codes)
 
-    erased = draw(True)
+    if args.transport:
+        for prompt in prompts:
+            print(f"{prompt!r}: strength " + ", ".join(f"{'+'.join(m['config']['concept'])} {s:.3f}"
+                                                        for (_, m), s in zip(loaded, strengths(prompt))))
+    if args.eval:
+        run_templates = {t for m in metadatas for t in m["config"].get("templates", [])}
+        chosen = [(p, prompted_object(p, objects), False) for p in args.prompt] if args.prompt \
+            else eval_prompts(run_templates)
+        return evaluate(draw, chosen, judge, args.n, args.json, concepts)
+    erased = draw(True, prompts)
     rows = [spm.decode_images(model, codes) for codes in erased]
     columns = [f"{'erased' if loaded else 'seed'} {s}" for s in seeds]
     if args.compare:
-        base = draw(False)
+        base = draw(False, prompts)
         rows = [torch.cat([spm.decode_images(model, b), r]) for b, r in zip(base, rows)]
         columns = [f"base {s}" for s in seeds] + columns
     path = output_path(args.out, args.compare)
@@ -134,13 +217,13 @@ def run(args):
     spm.save_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {path}")
     if args.understanding:
-        images = torch.cat(rows)[: 2 * len(prompts)]
-        questions = [f"Is there a {c} in this image ?" for c in concepts] or ["What is in this image ?"]
-        for name, pictures in (("image+question", images), ("text only", None)):
+        # the pictures just drawn, each asked about the first erased concept; then the prompts as text alone
+        images = torch.cat(rows)
+        question = f"Is there a {concepts[0]} in this image ? Answer yes or no ." if concepts else "What is this ?"
+        for name, questions, pictures in (("image+question", [question] * len(images), images),
+                                          ("text only", prompts, None)):
             for membranes, metadata in loaded:
-                asked = questions * (len(images) // len(questions) + 1) if pictures is not None else questions + prompts
-                asked = asked[:len(images)] if pictures is not None else asked
-                drift = spm.understanding_drift(model, tokenizer, membranes, asked, pictures)
+                drift = spm.understanding_drift(model, tokenizer, membranes, questions, pictures)
                 print(f"understanding, {name}, {'+'.join(metadata['config']['concept'])} (scope {membranes.scope}): "
                       f"KL {drift['kl']:.3g}, top-1 agreement {drift['top1_agreement']:.3f}, "
                       f"max |logit diff| {drift['max_abs_logit_diff']:.3g}")

@@ -370,10 +370,14 @@ def build_tiny_janus(seed=0):
     return model, tokenizer
 
 
+def toy_model_dir():
+    return Path(__file__).resolve().with_name("toy_model")
+
+
 def resolve_model(name):
     """'tiny' stays as is; 'toy' is the trained toy model next to this file; anything else goes to transformers."""
     if name == "toy":
-        path = Path(__file__).resolve().with_name("toy_model")
+        path = toy_model_dir()
         if not (path / "config.json").exists():
             raise SPMError(f"the toy model is not at {path}: build it with `python toy_janus.py`", 1)
         return str(path)
