@@ -53,7 +53,11 @@ def build_parser():
                    help="sample every prompt with the membranes off (base) and on (erased) with the same seeds, judge "
                         "each picture, print target rate and retention per concept (default prompts: the toy world's "
                         "objects x templates)")
-    g.add_argument("--judge", default="toy", choices=["toy"], help="who names the object in a picture")
+    g.add_argument("--judge", default="toy", choices=["toy", "clip", "janus"],
+                   help="who names the object in a picture: toy = the toy world's exact judge; clip = zero-shot CLIP "
+                        "over the concept, anchor and neutral labels; janus = the base model itself, membranes off, "
+                        "asked 'Is there a {concept} in this image?' (reads P(yes))")
+    g.add_argument("--judge-model", default="openai/clip-vit-large-patch14", help="CLIP model of --judge clip")
     g.add_argument("--json", default=None, help="with --eval: write the per-prompt counts to this JSON file")
 
     g = parser.add_argument_group("output")
@@ -96,8 +100,64 @@ def eval_prompts(run_templates):
 
 
 def prompted_object(prompt, objects):
-    words = prompt.split()
-    return next((o for o in objects if o in words), None)
+    return next((o for o in objects if f" {o} " in f" {prompt} "), None)
+
+
+NEUTRAL_LABELS = ("an empty picture", "a plain background", "a blurry texture")  # CLIP's way of saying "none"
+
+
+def clip_judge(clip_model, clip_tokenizer, image_processor, decode, labels, neutral=NEUTRAL_LABELS):
+    """Zero-shot CLIP: each picture gets the label whose text is nearest; a neutral text nearest means 'none'."""
+    texts = [f"a photo of a {label}" for label in labels] + list(neutral)
+    tokens = clip_tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        text = clip_model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        text = torch.nn.functional.normalize(getattr(text, "pooler_output", text), dim=-1)
+
+    def judge(codes, prompts):
+        pictures = [image.numpy() for image in decode(codes)]
+        pixel_values = image_processor(images=pictures, return_tensors="pt").pixel_values
+        with torch.no_grad():
+            image = clip_model.get_image_features(pixel_values=pixel_values.to(clip_model.dtype))
+            image = torch.nn.functional.normalize(getattr(image, "pooler_output", image), dim=-1)
+        best = (image @ text.T).argmax(-1).tolist()
+        return [labels[i] if i < len(labels) else "none" for i in best]
+
+    return judge
+
+
+def janus_judge(model, tokenizer, loaded, labels, decode):
+    """The base Janus itself, membranes off, in understanding mode: 'Is there a {label} in this image? Answer yes or
+    no.' The label with the highest P(yes) names the picture; if no label passes 0.5 it is 'none'."""
+    answers = {}
+    for word in ("yes", "no"):
+        ids = {tokenizer(v, add_special_tokens=False).input_ids[:1][0] for v in (word, f" {word}", word.title(),
+                                                                                 f" {word.title()}")
+               if tokenizer(v, add_special_tokens=False).input_ids}
+        ids.discard(tokenizer.unk_token_id)
+        if not ids:
+            raise spm.SPMError(f"--judge janus: the model's tokenizer has no '{word}' token; use --judge clip", 2)
+        answers[word] = sorted(ids)
+
+    @torch.no_grad()
+    def judge(codes, prompts):
+        pixel_values = spm.pixels_for_understanding(model, decode(codes))
+        p_yes = []
+        with contextlib.ExitStack() as stack:
+            for membranes, _ in loaded:
+                stack.enter_context(membranes.disabled())
+            for label in labels:
+                questions = [f"Is there a {label} in this image ? Answer yes or no ."] * len(codes)
+                input_ids, mask = spm.understanding_inputs(tokenizer, model, questions, pixel_values)
+                logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
+                               logits_to_keep=1).logits[:, -1].float()
+                probs = logits.softmax(-1)
+                yes, no = probs[:, answers["yes"]].sum(-1), probs[:, answers["no"]].sum(-1)
+                p_yes.append(yes / (yes + no).clamp_min(1e-12))
+        best, index = torch.stack(p_yes).max(0)
+        return [labels[i] if b > 0.5 else "none" for b, i in zip(best.tolist(), index.tolist())]
+
+    return judge
 
 
 def toy_judge(model_name):
@@ -165,7 +225,7 @@ def run(args):
     model_name = args.model or config.get("model")
     if not model_name:
         raise spm.SPMError("no model: pass --ckpt of a run, or --model (a hub id, a local directory, or tiny)", 2)
-    if args.eval:
+    if args.eval and args.judge == "toy":
         judge, objects = toy_judge(model_name)  # before any weights load
     device = spm.pick_device(args.device)
     spm.set_threads(args.threads, spm.load_config(model_name), device)
@@ -202,8 +262,24 @@ def run(args):
                                                         for (_, m), s in zip(loaded, strengths(prompt))))
     if args.eval:
         run_templates = {t for m in metadatas for t in m["config"].get("templates", [])}
-        chosen = [(p, prompted_object(p, objects), False) for p in args.prompt] if args.prompt \
-            else eval_prompts(run_templates)
+        if args.judge != "toy":
+            objects = list(dict.fromkeys(concepts + [a for m in metadatas for a in m["config"].get("anchor_prompts")
+                                                      or []]))
+            decode = lambda codes: spm.decode_images(model, codes)
+            if args.judge == "janus":
+                judge = janus_judge(model, tokenizer, loaded, objects, decode)
+            else:
+                from transformers import AutoProcessor, CLIPModel
+
+                processor = AutoProcessor.from_pretrained(args.judge_model)
+                judge = clip_judge(CLIPModel.from_pretrained(args.judge_model).eval(), processor.tokenizer,
+                                   processor.image_processor, decode, objects)
+        if args.prompt:
+            chosen = [(p, prompted_object(p, objects), False) for p in args.prompt]
+        elif args.judge == "toy":
+            chosen = eval_prompts(run_templates)
+        else:
+            chosen = [(t.format(o), o, False) for o in objects for t in sorted(run_templates)]
         return evaluate(draw, chosen, judge, args.n, args.json, concepts)
     erased = draw(True, prompts)
     rows = [spm.decode_images(model, codes) for codes in erased]

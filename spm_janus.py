@@ -360,7 +360,8 @@ def build_tiny_janus(seed=0):
     from transformers import JanusForConditionalGeneration
 
     words = sorted({w for t in DEFAULT_TEMPLATES for w in t.replace("{}", "").split()}
-                   | set(COMMON_CONCEPTS) | {"real", "red", "green", "blue", "yellow", "drawing"})
+                   | set(COMMON_CONCEPTS) | {"real", "red", "green", "blue", "yellow", "drawing"}
+                   | {"is", "there", "in", "this", "answer", "yes", "no", "or", "?", "what"})
     tokenizer = word_tokenizer(words)
     config = janus_config(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
     with torch.random.fork_rng(devices=[]):

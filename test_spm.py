@@ -767,3 +767,50 @@ def test_sample_with_two_checkpoints_and_transport(tmp_path):
     mouse_strength = float(strengths[1].split("mouse ")[1].split(",")[0])
     assert mouse_strength < 1.0
     assert "KL 0, top-1 agreement 1.000" in result.stdout
+
+
+def tiny_clip(tokenizer):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    eos = tokenizer.eos_token_id
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=32, bos_token_id=1,
+                                   eos_token_id=eos, pad_token_id=0).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=32, patch_size=8).to_dict(),
+        projection_dim=16)
+    torch.manual_seed(0)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPModel(config).eval(), processor
+
+
+def test_clip_judge_picks_the_nearest_label():
+    import sample
+    model, tokenizer = tiny()
+    clip, processor = tiny_clip(tokenizer)
+    labels = ["mouse", "cat", "dog"]
+    decode = lambda codes: spm.decode_images(model, codes)
+    judge = sample.clip_judge(clip, tokenizer, processor, decode, labels, neutral=("a car",))
+    codes = spm.sample_prompts(model, tokenizer, ["a mouse"], [0, 1, 2, 3, 4, 5], 5.0, 1.0)[0]
+    got = judge(codes, ["a mouse"] * len(codes))
+    texts = [f"a photo of a {l}" for l in labels] + ["a car"]
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    pixels = processor(images=[i.numpy() for i in decode(codes)], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        scores = clip(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels).logits_per_image
+    expected = [(labels + ["none"])[i] for i in scores.argmax(-1).tolist()]
+    assert got == expected and len(got) == 6
+
+
+def test_janus_judge_reads_the_base_model_with_membranes_off():
+    import sample
+    model, tokenizer = tiny()
+    codes = spm.sample_prompts(model, tokenizer, ["a mouse", "a cat"], [0, 1, 2], 5.0, 1.0).flatten(0, 1)
+    decode = lambda c: spm.decode_images(model, c)
+    labels = ["mouse", "cat", "car"]
+    plain = sample.janus_judge(model, tokenizer, [], labels, decode)(codes, [""] * len(codes))
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all")
+    randomise(membranes)
+    judged = sample.janus_judge(model, tokenizer, [(membranes, {})], labels, decode)(codes, [""] * len(codes))
+    assert judged == plain and set(judged) <= set(labels + ["none"]) and len(judged) == 6
+    assert membranes.state.enabled  # switched back on after judging
