@@ -20,21 +20,23 @@ import sample
 import spm_janus as spm
 import toy_janus as toy
 
-# (name, flags). The poster trained without anchoring, so its settings get --anchor none; the last two add it back.
+# (name, flags). The poster's membranes acted on the image positions and trained without anchoring, so its settings
+# get --scope image --anchor none; the anchoring rows add it back, and the last row is spm_janus.py's defaults.
 SETTINGS = [
-    ("MSE/MLP (all)", ["--loss", "mse", "--layers", "mlp", "--anchor", "none"]),
-    ("MSE/Attn", ["--loss", "mse", "--layers", "attn", "--anchor", "none"]),
-    ("KL/Attn", ["--loss", "kl", "--layers", "attn", "--anchor", "none"]),
+    ("MSE/MLP (all)", ["--loss", "mse", "--layers", "mlp", "--scope", "image", "--anchor", "none"]),
+    ("MSE/Attn", ["--loss", "mse", "--layers", "attn", "--scope", "image", "--anchor", "none"]),
+    ("KL/Attn", ["--loss", "kl", "--layers", "attn", "--scope", "image", "--anchor", "none"]),
     ("KL/Attn, scope prompt", ["--loss", "kl", "--layers", "attn", "--scope", "prompt", "--anchor", "none"]),
     ("KL/Attn, scope all (+text encoder)", ["--loss", "kl", "--layers", "attn", "--scope", "all", "--anchor", "none"]),
-    ("KL/Attn+MLP (all)", ["--loss", "kl", "--layers", "attn+mlp", "--anchor", "none"]),
+    ("KL/Attn+MLP (all)", ["--loss", "kl", "--layers", "attn+mlp", "--scope", "image", "--anchor", "none"]),
     # The toy has 2 decoder layers, so "7 modules" is read as the 7 projections (q,k,v,o,gate,up,down) of layer 0.
     ("KL/Attn+MLP (7 modules)", ["--loss", "kl", "--layers", "attn+mlp", "--attn-layer-ids", "0",
-                                 "--mlp-layer-ids", "0", "--anchor", "none"]),
+                                 "--mlp-layer-ids", "0", "--scope", "image", "--anchor", "none"]),
     ("KL/Attn, substitute 'real mouse'", ["--loss", "kl", "--layers", "attn", "--surrogate", "real mouse",
-                                          "--anchor", "none"]),
-    ("KL/Attn + latent anchoring", ["--loss", "kl", "--layers", "attn", "--anchor", "latent"]),
-    ("KL/Attn + prompt anchoring (default)", ["--loss", "kl", "--layers", "attn"]),
+                                          "--scope", "image", "--anchor", "none"]),
+    ("KL/Attn + latent anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image", "--anchor", "latent"]),
+    ("KL/Attn + prompt anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image"]),
+    ("KL/Attn, scope prompt + prompt anchoring (default)", ["--loss", "kl", "--layers", "attn"]),
 ]
 
 

@@ -392,6 +392,9 @@ def load_config(name):
         return build_tiny_janus()[0].config
     from transformers import AutoConfig
 
+    if (name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]) and not Path(name).expanduser().is_dir():
+        raise SPMError(f"--model {name}: no such directory; pass a local directory in transformers' Janus format, "
+                       f"a hub id such as deepseek-community/Janus-Pro-1B, or tiny / toy", 1)
     try:
         return AutoConfig.from_pretrained(name)
     except Exception as e:  # offline hub id, missing directory, not a Janus checkpoint
@@ -964,7 +967,8 @@ class Trainer:
 
 @torch.no_grad()
 def sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature):
-    """Codes [len(prompts), len(seeds), N]: each (prompt, seed) pair is sampled independently of the batch."""
+    """Codes [len(prompts), len(seeds), N]: each (prompt, seed) pair is sampled independently of the batch. A seed
+    gives every prompt the same random numbers, so base and erased pictures of one seed are directly comparable."""
     input_ids, mask = encode_prompts(tokenizer, [p for p in prompts for _ in seeds], next(model.parameters()).device)
     embed = model.get_input_embeddings()
     num_tokens = model.config.vision_config.num_image_tokens
@@ -1011,9 +1015,10 @@ def build_parser():
     g.add_argument("--attn-layer-ids", default=None, help="decoder layers whose attention gets membranes, e.g. 0-5,9 "
                                                           "(default: all)")
     g.add_argument("--mlp-layer-ids", default=None, help="decoder layers whose MLP gets membranes (default: all)")
-    g.add_argument("--scope", default="image", choices=["image", "prompt", "all"],
-                   help="token positions the membranes act on: image-generation positions (from <begin_of_image>), "
-                        "the text-prompt positions (the 'text encoder' variant), or all")
+    g.add_argument("--scope", default="prompt", choices=["image", "prompt", "all"],
+                   help="token positions the membranes act on: the text-prompt positions (the 'text encoder' variant; "
+                        "it erased best on the toy), the image-generation positions (from <begin_of_image>; leaves "
+                        "understanding exactly intact), or all")
     g.add_argument("--rank", type=int, default=1, help="membrane rank (SPM: 1)")
     g.add_argument("--alpha", type=float, default=1.0, help="delta scale is alpha / rank")
 
@@ -1046,12 +1051,12 @@ def build_parser():
                         "concepts minus the erased ones)")
     g.add_argument("--anchor-prompts", action="append", default=None,
                    help="concept to keep with --anchor prompts; repeatable")
-    g.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the anchor KL(teacher || student)")
+    g.add_argument("--anchor-weight", type=float, default=3.0, help="weight of the anchor KL(teacher || student)")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=200, help="optimisation steps")
     g.add_argument("--batch-size", type=int, default=4, help="concept rollouts per step (per process)")
-    g.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")

@@ -814,3 +814,66 @@ def test_janus_judge_reads_the_base_model_with_membranes_off():
     judged = sample.janus_judge(model, tokenizer, [(membranes, {})], labels, decode)(codes, [""] * len(codes))
     assert judged == plain and set(judged) <= set(labels + ["none"]) and len(judged) == 6
     assert membranes.state.enabled  # switched back on after judging
+
+
+# -----------------------------------------------------------------------------
+# The toy world: a small Janus trained here, so that erasure is measured
+
+
+def toy_model():
+    model, tokenizer = spm.load_model("toy")
+    return model, tokenizer
+
+
+def test_toy_judge_is_exact_on_renders():
+    import toy_janus as toy
+    codes, expected = [], []
+    for obj in toy.OBJECTS:
+        for color in toy.COLORS:
+            for shift in toy.SHIFTS:
+                codes.append(toy.render(obj, color, shift))
+                expected.append((obj, color))
+    assert toy.judge_batch(torch.stack(codes)) == expected
+    assert toy.judge(torch.zeros(toy.GRID * toy.GRID, dtype=torch.long)) == ("none", "none")  # a blank picture
+
+
+def test_toy_base_quality():
+    import toy_janus as toy
+    model, tokenizer = toy_model()
+    results = toy.base_quality(model, tokenizer, n=32, seed=1000)
+    assert set(results) == set(toy.OBJECTS)
+    for obj, r in results.items():
+        assert r["n"] >= 32 and r["object_acc"] >= 0.9 and r["color_acc"] >= 0.8, (obj, r)
+
+
+def test_toy_erasure_with_default_anchoring():
+    """KL/Attn with the default anchoring erases mouse on trained and held-out templates and keeps the rest."""
+    import sample
+    import toy_janus as toy
+    from ablate import rates
+    model, tokenizer = toy_model()
+    cfg, temperature = spm.generation_defaults(model)
+    prompts = sample.eval_prompts(set(spm.DEFAULT_TEMPLATES))
+    seeds = list(range(1000, 1016))
+
+    def judged():
+        codes = torch.stack([spm.sample_prompts(model, tokenizer, [p], seeds, cfg, temperature)[0] for p, _, _ in prompts])
+        per_object = {}
+        for (_, obj, _), row in zip(prompts, codes):
+            per_object.setdefault(obj, []).append(sum(label == obj for label, _ in toy.judge_batch(row)) / len(row))
+        return rates(codes, prompts, "mouse"), {o: sum(v) / len(v) for o, v in per_object.items()}
+
+    before, _ = judged()
+    assert before["trained"] >= 0.9 and before["held_out"] >= 0.9
+    args = spm.build_parser().parse_args(["--model", "toy", "--concept", "mouse", "--layers", "attn", "--loss", "kl"])
+    spm.check_args(args)
+    args.cfg, args.temperature = cfg, temperature
+    args.anchor, args.anchor_prompts = "prompts", [o for o in toy.OBJECTS if o != "mouse"]  # as train() resolves it
+    membranes = spm.attach_membranes(model, tokenizer, "attn", seed=0)
+    trainer = spm.Trainer(model, tokenizer, membranes, args)
+    for _ in range(args.steps):
+        trainer.step()
+    after, per_object = judged()
+    assert after["trained"] <= 0.1 and after["held_out"] <= 0.1, after
+    assert after["others"] >= 0.85, after
+    assert min(v for o, v in per_object.items() if o != "mouse") >= 0.7, per_object
