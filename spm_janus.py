@@ -829,11 +829,17 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step_count = 0
+        self._rollout = None  # (rollout step, codes) kept for --rollout-every
+
+    @property
+    def rollout_step(self):
+        """The step whose prompts and rollout this step uses (--rollout-every K reuses one for K steps)."""
+        return self.step_count - self.step_count % self.args.rollout_every
 
     def _generator(self, index, purpose):
         """Each sample's randomness comes from (seed, step, global sample index): a sample does not depend on the
         batch or the process it lands in, and a resumed run repeats it exactly."""
-        return torch.Generator().manual_seed(derived_seed(self.args.seed, self.step_count, index, purpose))
+        return torch.Generator().manual_seed(derived_seed(self.args.seed, self.rollout_step, index, purpose))
 
     def _pick(self, concepts, purpose):
         """batch_size (concept, template) pairs."""
@@ -884,13 +890,15 @@ class Trainer:
         # (a) rollouts of the concept (and anchor) prompts, without gradients, in one batch
         sampled = [rows["concept"]] + ([rows["anchor"]] if "anchor" in rows else [])
         index = torch.cat([torch.arange(len(prompts))[s] for s in sampled]).to(self.device)
-        uniforms = rollout_uniforms(args.seed, self.step_count, self.first_index, B, self.num_tokens, self.device)
-        if "anchor" in rows:
-            uniforms = torch.cat([uniforms, rollout_uniforms(args.seed, self.step_count, self.first_index + 10 ** 9,
-                                                             B, self.num_tokens, self.device)])
-        with self.membranes.switched(args.rollout == "student"):
-            codes = sample_codes(self.model, cond[index], uncond[index], mask[index], args.cfg, args.temperature,
-                                 uniforms).split(B)
+        if self._rollout is None or self._rollout[0] != self.rollout_step:
+            uniforms = rollout_uniforms(args.seed, self.rollout_step, self.first_index, B, self.num_tokens, self.device)
+            if "anchor" in rows:
+                uniforms = torch.cat([uniforms, rollout_uniforms(args.seed, self.rollout_step, self.first_index + 10 ** 9,
+                                                                 B, self.num_tokens, self.device)])
+            with self.membranes.switched(args.rollout == "student"):
+                self._rollout = (self.rollout_step, sample_codes(self.model, cond[index], uncond[index], mask[index],
+                                                                 args.cfg, args.temperature, uniforms).split(B))
+        codes = self._rollout[1]
         rollout_codes = {"concept": codes[0], "surrogate": codes[0], "anchor": codes[-1]}
         rollout_seconds = time.time() - started
 
@@ -1061,7 +1069,9 @@ def build_parser():
     g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompts, rollouts and anchors")
-    g.add_argument("--rollout-every", type=int, default=1, help="sample a new rollout every K steps, reusing it between")
+    g.add_argument("--rollout-every", type=int, default=1,
+                   help="sample a new rollout (and prompts) every K steps, reusing it in between; a resume inside a "
+                        "window samples it anew, so exact resume needs K = 1")
     g.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
 

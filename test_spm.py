@@ -877,3 +877,14 @@ def test_toy_erasure_with_default_anchoring():
     assert after["trained"] <= 0.1 and after["held_out"] <= 0.1, after
     assert after["others"] >= 0.85, after
     assert min(v for o, v in per_object.items() if o != "mouse") >= 0.7, per_object
+
+
+def test_rollout_every_reuses_the_rollout():
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    trainer = spm.Trainer(model, tokenizer, membranes, train_args(batch_size=2, rollout_every=3, anchor="none"))
+    seen = []
+    for _ in range(4):
+        trainer.step()
+        seen.append(trainer._rollout)
+    assert seen[0] is seen[1] is seen[2] and seen[3] is not seen[2] and seen[3][0] == 3
