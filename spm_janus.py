@@ -84,17 +84,32 @@ class MembraneLinear(nn.Module):
         self.state = state  # a plain object, not a submodule: it is shared by all membranes of the attachment
 
     def forward(self, x):
-        out = self.base(x)
         state = self.state
-        if not state.enabled or state.merged:
-            return out
-        delta = self.up(self.down(x.to(self.down.weight.dtype)))
-        if state.gate is not None:
-            delta = delta * state.gate
-        delta = (delta * (state.multiplier * self.scale)).to(out.dtype)
-        if torch.is_grad_enabled():
-            return out + delta
-        return out.add_(delta)  # sampling: one op less, no new tensor
+        if not state.enabled or state.merged or state.gate is False:  # gate False: no position of any row in scope
+            return self.base(x)
+        gate, down, up = state.gate, self.down.weight, self.up.weight
+        scale = state.multiplier * self.scale  # a float, or [B, 1, 1]: one strength per row
+        if torch.is_grad_enabled() or torch.is_tensor(scale):
+            # Training: the gate and the strength scale the rank-r activation, the smallest tensor on the way, not
+            # the [B, L, out] delta.
+            out = self.base(x)
+            h = F.linear(x.to(down.dtype), down)
+            h = h * (scale if gate is None else gate * scale)
+            delta = F.linear(h, up).to(out.dtype)
+            return out + delta if torch.is_grad_enabled() else out.add_(delta)
+        # Sampling, one token a step: the cost is the number of torch calls, not FLOPs. Three in all: the base matmul
+        # (without the inner module's __call__), h = x @ down.T, and out += scale * h @ up.T in place.
+        base = self.base
+        plain = type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+        out = F.linear(x, base.weight, base.bias) if plain else base(x)
+        h = torch.mm(x.reshape(-1, x.shape[-1]).to(down.dtype), down.t())  # [B*L, rank]
+        if gate is not None:
+            h = h * gate.reshape(-1, 1)
+        if out.dtype == up.dtype and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(h, up.t(), alpha=scale)
+        else:  # a low-precision base: the delta is made in float32, then cast
+            out.add_((torch.mm(h, up.t()) * scale).to(out.dtype).view(out.shape))
+        return out
 
     @property
     def weight(self):
@@ -131,6 +146,7 @@ class Membranes:
             setattr(parent, attr, wrapper)
             self.modules[name] = wrapper
         self._generating = None  # per row: is the running KV-cached pass generating an image?
+        self._all_generating = False  # ... and is every row?
         self._hook = None
         if scope != "all":
             language_model = model.model.language_model
@@ -147,6 +163,9 @@ class Membranes:
         batch, length = (embeds.shape[:2] if embeds is not None else input_ids.shape)
         if cache is not None and cache.get_seq_length() > 0 and self._generating is not None \
                 and self._generating.shape[0] == batch:
+            if self._all_generating:  # every row draws its image: the gate is all ones (image) or all zeros (prompt)
+                self.state.gate = None if self.scope == "image" else False
+                return
             image = self._generating[:, None].expand(batch, length)  # a KV-cached step continues its row
         else:
             marks = []
@@ -161,6 +180,7 @@ class Membranes:
             open_image = last_begin > last_end
             image = open_image[:, None] & (index[None] >= last_begin[:, None])
             self._generating = open_image
+            self._all_generating = bool(open_image.all())  # one host sync per prompt, not one per step
         gate = image if self.scope == "image" else ~image
         self.state.gate = gate[..., None].to(torch.float32)
 

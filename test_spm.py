@@ -430,8 +430,8 @@ def test_merge_and_unmerge():
     with pytest.raises(spm.SPMError, match="unmerge"):
         with membranes.disabled():
             pass
-    membranes.unmerge()
-    torch.testing.assert_close(all_logits(model, tokenizer, codes), unmerged, rtol=0, atol=1e-5)
+    membranes.unmerge()  # W back to float rounding (checked to 1e-6 below), so the logits to 1e-4
+    torch.testing.assert_close(all_logits(model, tokenizer, codes), unmerged, rtol=0, atol=1e-4)
     membranes.detach()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, weights[name], rtol=0, atol=1e-6)
@@ -548,7 +548,7 @@ def test_mismatched_tensor_names_are_rejected(tmp_path):
     (["--steps", "-3"], 2, "--steps"),
     (["--templates", "a {} " + "very " * 1200], 2, "longer than the model's context"),
     (["--device", "cuda"], 2, "CUDA"),
-    (["--model", "/nonexistent/janus"], 1, "cannot load model"),
+    (["--model", "/nonexistent/janus"], 1, "no such directory"),
     (["--concept", "zebra"], 2, "cannot spell"),
 ])
 def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, argv, code, needle):
@@ -869,7 +869,8 @@ def test_toy_erasure_with_default_anchoring():
     spm.check_args(args)
     args.cfg, args.temperature = cfg, temperature
     args.anchor, args.anchor_prompts = "prompts", [o for o in toy.OBJECTS if o != "mouse"]  # as train() resolves it
-    membranes = spm.attach_membranes(model, tokenizer, "attn", seed=0)
+    membranes = spm.attach_membranes(model, tokenizer, args.layers, scope=args.scope, rank=args.rank,
+                                     alpha=args.alpha, seed=args.seed)
     trainer = spm.Trainer(model, tokenizer, membranes, args)
     for _ in range(args.steps):
         trainer.step()
@@ -888,3 +889,15 @@ def test_rollout_every_reuses_the_rollout():
         trainer.step()
         seen.append(trainer._rollout)
     assert seen[0] is seen[1] is seen[2] and seen[3] is not seen[2] and seen[3][0] == 3
+
+
+def test_bench_quick_runs(tmp_path):
+    """The benchmark's mechanics (no timing asserts): its losses agree and merged sampling draws the same tokens."""
+    result = run_cli("bench.py", "--quick", "--pairs", "1", "--tokens", "16", "--sections", "train,sample",
+                     "--json", str(tmp_path / "b.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["n_image_tokens"] == 16 and report["device"] == "cpu"
+    assert report["loss_max_abs_diff"] < 1e-5
+    assert report["stepwise_over_one_pass"] > 0 and "membrane_sampling_overhead_attn" in report
+    assert report["merged_tokens_identical"] is True
