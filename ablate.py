@@ -7,7 +7,6 @@ judge every sample.
 Each setting trains with spm_janus.py's own train() (in this process), then samples every toy prompt
 (objects x templates) with the same seeds and judges the pictures exactly.
 """
-import argparse
 import json
 import re
 import statistics
