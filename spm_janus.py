@@ -191,20 +191,20 @@ class Membranes:
             raise SPMError(f"cannot merge membranes of scope {self.scope}: only scope all acts on every position "
                            f"the way a weight does", 2)
         if not self.state.merged:
-            with torch.no_grad():
-                for m in self.modules.values():
-                    weight = m.base.weight
-                    weight.copy_((weight.float() + m.merged_delta()).to(weight.dtype))
+            self._fold(+1)
             self.state.merged = True
 
     def unmerge(self):
         """W -= delta: the base weights as they were (to float rounding)."""
         if self.state.merged:
-            with torch.no_grad():
-                for m in self.modules.values():
-                    weight = m.base.weight
-                    weight.copy_((weight.float() - m.merged_delta()).to(weight.dtype))
+            self._fold(-1)
             self.state.merged = False
+
+    @torch.no_grad()
+    def _fold(self, sign):
+        for m in self.modules.values():
+            weight = m.base.weight
+            weight.copy_((weight.float() + sign * m.merged_delta()).to(weight.dtype))
 
     # -- on / off --
     @contextlib.contextmanager
@@ -295,14 +295,19 @@ def parse_layer_ids(spec, num_layers, flag="--attn-layer-ids"):
     return sorted(ids)
 
 
-def membrane_targets(num_layers, layers="attn", modules=None, attn_layer_ids=None, mlp_layer_ids=None):
-    """Names of the Linear modules to wrap, e.g. 'model.language_model.layers.0.self_attn.q_proj'."""
+def check_modules(layers, modules=None):
+    """The --modules of --layers (all of them when none are named); a name outside --layers is an error."""
     allowed = LAYER_CHOICES[layers]
-    modules = list(modules) if modules else list(allowed)
-    unknown = [m for m in modules if m not in allowed]
+    unknown = [m for m in modules or [] if m not in allowed]
     if unknown:
         raise SPMError(f"--modules {unknown[0]!r} is not a module of --layers {layers}: "
                        f"choose from {','.join(allowed)}", 2)
+    return list(modules) if modules else list(allowed)
+
+
+def membrane_targets(num_layers, layers="attn", modules=None, attn_layer_ids=None, mlp_layer_ids=None):
+    """Names of the Linear modules to wrap, e.g. 'model.language_model.layers.0.self_attn.q_proj'."""
+    modules = check_modules(layers, modules)
     attn_ids = parse_layer_ids(attn_layer_ids, num_layers, "--attn-layer-ids")
     mlp_ids = parse_layer_ids(mlp_layer_ids, num_layers, "--mlp-layer-ids")
     names = []
@@ -506,6 +511,11 @@ def unconditional_ids(input_ids, tokenizer):
 def positions(attention_mask):
     # Rows are left-padded; positions as if unpadded, so a padded prompt sees what an unpadded one sees.
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def distributed():
+    """True inside a torchrun process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def derived_seed(*parts):
@@ -954,7 +964,7 @@ class Trainer:
         loss.backward()
         self.reduce_gradients()
         logged = torch.stack([loss.detach(), erase.detach(), anchor_loss.detach()])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed():
             torch.distributed.all_reduce(logged)  # the metrics line reports the mean over all processes
             logged /= torch.distributed.get_world_size()
         grads = [p.grad for p in self.membranes.parameters() if p.grad is not None]
@@ -971,7 +981,7 @@ class Trainer:
 
     def reduce_gradients(self):
         """Average the membrane gradients over data-parallel processes (a no-op without torch.distributed)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed():
             world = torch.distributed.get_world_size()
             for p in self.membranes.parameters():
                 if p.grad is None:
@@ -1138,10 +1148,7 @@ def check_args(args):
                        "--anchor-prompts car (or leave --anchor unset for the built-in list)", 2)
     if isinstance(args.modules, str):
         args.modules = [m.strip() for m in args.modules.split(",") if m.strip()]
-    unknown = [m for m in args.modules or [] if m not in LAYER_CHOICES[args.layers]]
-    if unknown:
-        raise SPMError(f"--modules {unknown[0]!r} is not a module of --layers {args.layers}: choose from "
-                       f"{','.join(LAYER_CHOICES[args.layers])}", 2)
+    check_modules(args.layers, args.modules)
     args.templates = read_templates(args.templates)
     if args.resume:
         args.out = args.resume
@@ -1343,7 +1350,7 @@ def main(argv=None):
         print(f"spm_janus.py: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed():
             torch.distributed.destroy_process_group()
 
 
