@@ -1,11 +1,13 @@
 """
-The poster's ablation table, reproduced on the toy Janus: erase "mouse" with each setting at one step budget, then
-judge every sample.
+The erasure benchmark on the toy Janus: erase "mouse" with each setting at one step budget, then judge every sample.
 
     python ablate.py                       # all settings x 3 seeds -> ablation.md, ablation.json, ablation.png
+    python ablate.py --seeds 1 --n 16      # a quick table
 
-Each setting trains with spm_janus.py's own train() (in this process), then samples every toy prompt
-(objects x templates) with the same seeds and judges the pictures exactly.
+One fixed protocol for every setting: the settings that anchor name cat, car and tree explicitly, so dog, bird, fish
+and house are never anchored and measure specificity on concepts nobody protected. Each setting trains with
+spm_janus.py's own train() (in this process), then samples every toy prompt (objects and their synonyms x templates)
+with the same evaluation seeds, and sample.py's summary turns the exact judge's labels into the figures of the table.
 """
 import json
 import re
@@ -19,8 +21,10 @@ import sample
 import spm_janus as spm
 import toy_janus as toy
 
+ANCHORS = ("cat", "car", "tree")  # the benchmark's anchored objects; the other four are never anchored
+ANCHOR_FLAGS = ["--anchor", "prompts"] + [f for a in ANCHORS for f in ("--anchor-prompts", a)]
 # (name, flags). The poster's membranes acted on the image positions and trained without anchoring, so its settings
-# get --scope image --anchor none; the anchoring rows add it back, and the last row is spm_janus.py's defaults.
+# get --scope image --anchor none; the anchoring rows add the benchmark's anchors back.
 SETTINGS = [
     ("MSE/MLP (all)", ["--loss", "mse", "--layers", "mlp", "--scope", "image", "--anchor", "none"]),
     ("MSE/Attn", ["--loss", "mse", "--layers", "attn", "--scope", "image", "--anchor", "none"]),
@@ -34,45 +38,86 @@ SETTINGS = [
     ("KL/Attn, substitute 'real mouse'", ["--loss", "kl", "--layers", "attn", "--surrogate", "real mouse",
                                           "--scope", "image", "--anchor", "none"]),
     ("KL/Attn + latent anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image", "--anchor", "latent"]),
-    ("KL/Attn + prompt anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image"]),
-    ("KL/Attn, scope prompt + prompt anchoring (default)", ["--loss", "kl", "--layers", "attn"]),
+    ("KL/Attn + prompt anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image", *ANCHOR_FLAGS]),
+    ("KL/Attn, scope prompt + prompt anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "prompt",
+                                                  *ANCHOR_FLAGS]),
+    ("default", ["--loss", "kl", "--layers", "attn", *ANCHOR_FLAGS]),
 ]
+# (column, summary key, scale, digits): every figure of sample.py's summary that ranks a setting
+COLUMNS = [("mouse, trained %", "trained_rate", 100, 1), ("mouse, held-out %", "held_out_rate", 100, 1),
+           ("mouse, synonyms %", "synonyms_rate", 100, 1), ("anchored kept %", "anchored_kept", 100, 1),
+           ("non-anchored kept %", "non_anchored_kept", 100, 1), ("coherence %", "coherence", 100, 1),
+           ("H", "H", 1, 3), ("understanding KL, image / text", "understanding", 1, 3), ("train s", "seconds", 1, 0)]
 
 
-def rates(codes, prompts, target):
-    """Share of samples judged as the prompted object: target trained / held-out templates, and the others."""
-    hits = {"trained": [], "held_out": [], "others": []}
-    for (prompt, obj, held_out), row in zip(prompts, codes):
-        correct = sum(label == obj for label, _ in toy.judge_batch(row)) / len(row)
-        hits["others" if obj != target else ("held_out" if held_out else "trained")].append(correct)
-    return {k: statistics.mean(v) for k, v in hits.items()}
+def flat_figures(summary):
+    """The per-seed figures of one setting that the table shows, from sample.summarize()'s summary of mouse."""
+    return {"trained_rate": summary["trained_rate"], "held_out_rate": summary["held_out_rate"],
+            "synonyms_rate": summary["synonyms_rate"], "anchored_kept": summary["anchored"]["erased"],
+            "non_anchored_kept": summary["non_anchored"]["erased"],
+            "non_anchored_retention": summary["non_anchored"]["retention"], "coherence": summary["coherence"],
+            "H": summary["H"]}
+
+
+def cell(rows, key, scale=100.0, digits=1):
+    values = [r[key] * scale for r in rows if r.get(key) is not None]
+    if not values:
+        return "-"
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def table(base, results, args, num_prompts):
+    lines = [f"Base model: mouse {100 * base['base_trained_rate']:.1f}% (trained templates) / "
+             f"{100 * base['base_held_out_rate']:.1f}% (held-out) / {100 * base['base_synonyms_rate']:.1f}% "
+             f"(synonyms); anchored objects {100 * base['anchored']['base']:.1f}%, non-anchored "
+             f"{100 * base['non_anchored']['base']:.1f}% drawn right. {args.n} samples per prompt, {num_prompts} "
+             f"prompts, {args.seeds} training seed(s) per setting (mean ± std over seeds).", "",
+             "| setting | " + " | ".join(c for c, *_ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in results:
+        rows = r["seeds"]
+        cells = []
+        for _, key, scale, digits in COLUMNS:
+            if key == "understanding":
+                cells.append(f"{cell(rows, 'understanding_kl_image', 1, 3)} / {cell(rows, 'understanding_kl_text', 1, 3)}")
+            else:
+                cells.append(cell(rows, key, scale, digits))
+        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main():
-    parser = spm.OneLineParser(prog="ablate.py", description="Reproduce the poster's ablations on the toy Janus.")
+    parser = spm.OneLineParser(prog="ablate.py", description="The erasure benchmark and the poster's ablations on "
+                                                             "the toy Janus.")
     parser.add_argument("--steps", type=int, default=None, help="erasure steps per run (default: spm_janus.py's)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
     parser.add_argument("--n", type=int, default=32, help="samples per evaluation prompt")
     parser.add_argument("--only", action="append", default=None, help="run only settings whose name contains this")
-    parser.add_argument("--out", default="ablation", help="prefix of the .md, .json and .png outputs")
+    parser.add_argument("--out", default="runs/ablation", help="prefix of the .md, .json and .png outputs")
     parser.add_argument("--runs", default="runs/ablation", help="directory for the runs' checkpoints")
     args = parser.parse_args()
+    for flag, value in (("--seeds", args.seeds), ("--n", args.n)):
+        if value < 1:
+            parser.error(f"{flag} {value} must be at least 1")
     torch.set_num_threads(1)
     settings = [s for s in SETTINGS if not args.only or any(o in s[0] for o in args.only)]
 
     model, tokenizer = spm.load_model("toy")
     cfg, temperature = spm.generation_defaults(model)
     seeds = list(range(1000, 1000 + args.n))  # evaluation seeds, unused in training
-    prompts = sample.eval_prompts(set(spm.DEFAULT_TEMPLATES))
+    prompts = sample.eval_prompts()
+    synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
+    judge = lambda codes, _: [obj for obj, _ in toy.judge_batch(codes)]
 
-    def draw(text_prompts):
+    def draw(_, text_prompts):  # the membranes attached at the time decide base or erased
         return torch.stack([spm.sample_prompts(model, tokenizer, [p], seeds, cfg, temperature)[0] for p in text_prompts])
 
-    base = rates(draw([p for p, _, _ in prompts]), prompts, "mouse")
-    figure_prompts = ["a mouse", "a cat"]
-    figure_columns, figure_cells = [], {p: [] for p in figure_prompts}
+    base_codes = draw(False, [p.prompt for p in prompts])
+    base = sample.summarize(sample.judge_records(lambda *_: base_codes, prompts, judge, args.n), ["mouse"], ANCHORS,
+                            toy.OBJECTS, set(spm.DEFAULT_TEMPLATES), synonyms)["mouse"]
+    figure_prompts = ["a mouse", "a rodent", "a cat", "a dog"]
     step0 = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
-    results = []
+    figure_rows, results = [], []
     for name, flags in settings:
         per_seed = []
         for seed in range(args.seeds):
@@ -81,51 +126,42 @@ def main():
                     "--overwrite", "--sample-every", "0", "--save-every", "0"]
             argv += ["--steps", str(args.steps)] if args.steps else []
             started = time.time()
-            spm.train(spm.build_parser().parse_args(argv))
+            run_args = spm.build_parser().parse_args(argv)
+            spm.train(run_args)
             seconds = time.time() - started
             membranes, _ = spm.load_membranes(out / spm.CHECKPOINT_NAME, model, tokenizer)
-            measured = rates(draw([p for p, _, _ in prompts]), prompts, "mouse")
-            pictures = spm.decode_images(model, spm.sample_prompts(model, tokenizer, ["a cat", "a car"], seeds[:4], cfg,
-                                                                   temperature).flatten(0, 1))
-            drift_image = spm.understanding_drift(model, tokenizer, membranes, ["is there a mouse ?"] * 8, pictures)
-            drift_text = spm.understanding_drift(model, tokenizer, membranes, [p for p, _, _ in prompts[::4]])
+            records = sample.judge_records(draw, prompts, judge, args.n, base_codes)
+            summary = sample.summarize(records, ["mouse"], run_args.anchor_prompts or [], toy.OBJECTS,
+                                       set(run_args.templates), synonyms)["mouse"]
+            pictures = spm.decode_images(model, base_codes[::27, 0])  # one base picture of every eighth prompt
+            drift_image = spm.understanding_drift(model, tokenizer, membranes, ["is there a mouse ?"] * len(pictures),
+                                                  pictures)
+            drift_text = spm.understanding_drift(model, tokenizer, membranes, [p.prompt for p in prompts[::4]])
             if seed == 0:
-                figure_columns.append(name)
                 last = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
-                for p, codes in zip(figure_prompts, last):
-                    figure_cells[p].append(codes)
+                figure_rows.append((name, last))
             membranes.detach()
-            per_seed.append({**measured, "seconds": seconds, "understanding_kl_image": drift_image["kl"],
-                             "understanding_kl_text": drift_text["kl"]})
-            print(f"{name} seed {seed}: mouse {measured['trained']:.1%} trained / {measured['held_out']:.1%} held-out, "
-                  f"others {measured['others']:.1%} (base {base['others']:.1%}), {seconds:.0f} s", flush=True)
+            per_seed.append({**flat_figures(summary), "seconds": seconds, "understanding_kl_image": drift_image["kl"],
+                             "understanding_kl_text": drift_text["kl"], "summary": summary})
+            print(f"{name} seed {seed}: mouse {summary['trained_rate']:.1%} trained / {summary['held_out_rate']:.1%} "
+                  f"held-out / {summary['synonyms_rate']:.1%} synonyms; kept {summary['anchored']['erased']:.1%} "
+                  f"anchored, {summary['non_anchored']['erased']:.1%} non-anchored; coherence "
+                  f"{summary['coherence']:.1%}; H {summary['H']:.3f}; {seconds:.0f} s", flush=True)
         results.append({"setting": name, "flags": flags, "seeds": per_seed})
 
-    def cell(rows, key, scale=100.0, digits=1):
-        values = [r[key] * scale for r in rows]
-        spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-        return f"{statistics.mean(values):.{digits}f}{spread}"
-
-    lines = [f"Base model: mouse {100 * base['trained']:.1f}% (trained templates) / {100 * base['held_out']:.1f}% "
-             f"(held-out templates); other objects {100 * base['others']:.1f}% correct. {args.n} samples per prompt, "
-             f"{len(prompts)} prompts, {args.seeds} seed(s) per setting (mean ± std over seeds).", "",
-             "| setting | mouse, trained templates % | mouse, held-out templates % | others correct % | retention | "
-             "understanding KL, image / text | train s |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        rows = r["seeds"]
-        retention = [x["others"] / base["others"] for x in rows]
-        spread = f" ± {statistics.stdev(retention):.2f}" if len(retention) > 1 else ""
-        lines.append(f"| {r['setting']} | {cell(rows, 'trained')} | {cell(rows, 'held_out')} | {cell(rows, 'others')} | "
-                     f"{statistics.mean(retention):.2f}{spread} | {cell(rows, 'understanding_kl_image', 1, 3)} / "
-                     f"{cell(rows, 'understanding_kl_text', 1, 3)} | {cell(rows, 'seconds', 1, 0)} |")
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"base": base, "results": results}, indent=1))
-    rows = [spm.decode_images(model, torch.stack([step0[i]] * len(figure_columns))) for i in range(2)]
-    rows += [spm.decode_images(model, torch.stack(figure_cells[p])) for p in figure_prompts]
-    labels = [f"{p}, step 0" for p in figure_prompts] + [f"{p}, last step" for p in figure_prompts]
-    spm.image_grid(rows, labels, [c[:24] for c in figure_columns], cell=96).save(f"{args.out}.png")
+    lines = table(base, results, args, len(prompts))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{out}.json").write_text(json.dumps({"base": base, "results": results, "n": args.n, "seeds": args.seeds},
+                                              indent=1))
+    # one row per setting, labelled in full at the left: column labels of a setting each would overlap
+    rows = [spm.decode_images(model, step0)] + [spm.decode_images(model, codes) for _, codes in figure_rows]
+    labels = ["base model (step 0)"] + [name for name, _ in figure_rows]
+    width = 6 * max(len(label) for label in labels) + 12
+    spm.image_grid(rows, labels, figure_prompts, cell=64, label_width=width).save(f"{out}.png")
     print("\n".join(lines))
-    print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
+    print(f"wrote {out}.md, {out}.json, {out}.png")
 
 
 if __name__ == "__main__":

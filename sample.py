@@ -11,6 +11,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -75,6 +76,26 @@ def output_path(out, compare):
     return out / ("compare.png" if compare else "samples.png")
 
 
+class MembraneGroup:
+    """Several loaded membrane sets switched together, with the on/off interface of one."""
+
+    def __init__(self, sets):
+        self.sets = sets
+
+    @contextlib.contextmanager
+    def switched(self, enabled):
+        with contextlib.ExitStack() as stack:
+            for membranes in self.sets:
+                stack.enter_context(membranes.switched(enabled))
+            yield self
+
+    def disabled(self):
+        return self.switched(False)
+
+    def enabled(self):
+        return self.switched(True)
+
+
 def load_all_membranes(paths, model, tokenizer):
     """Membranes of several runs on one base model: their deltas add, each keeps its own strength."""
     loaded = []
@@ -87,20 +108,116 @@ def load_all_membranes(paths, model, tokenizer):
     return loaded
 
 
-def eval_prompts(run_templates):
-    """The toy world's objects x templates: (prompt, object, held out of the erasure training?)."""
+class EvalPrompt(NamedTuple):
+    prompt: str
+    object: str  # the object the prompt asks for (a judge label)
+    word: str  # the word that names it in the prompt: the object word or a synonym
+    template: str  # the prompt with the word replaced by {}
+
+
+def eval_prompts():
+    """The toy world's objects, each named by its word and by its synonyms, x every evaluation template."""
     import toy_janus as toy
 
     prompts = []
     for i, obj in enumerate(toy.OBJECTS):
-        for j, template in enumerate(toy.EVAL_TEMPLATES):
-            prompt = toy.make_prompt(template, obj, toy.COLORS[(i + j) % len(toy.COLORS)])
-            prompts.append((prompt, obj, template.replace("{object}", "{}") not in run_templates))
+        for word in toy.words_for(obj):
+            for j, template in enumerate(toy.EVAL_TEMPLATES):
+                color = toy.COLORS[(i + j) % len(toy.COLORS)]
+                prompts.append(EvalPrompt(toy.make_prompt(template, word, color), obj, word,
+                                          toy.make_prompt(template, "{}", color)))
     return prompts
 
 
-def prompted_object(prompt, objects):
-    return next((o for o in objects if f" {o} " in f" {prompt} "), None)
+def user_eval_prompt(prompt, objects, synonyms):
+    """An EvalPrompt for a prompt the user typed: the first object word or synonym in it names the object."""
+    for word in prompt.split():
+        obj = word if word in objects else synonyms.get(word)
+        if obj is not None:
+            return EvalPrompt(prompt, obj, word, " ".join("{}" if w == word else w for w in prompt.split()))
+    return EvalPrompt(prompt, None, None, prompt)
+
+
+def harmonic_mean(values):
+    values = [min(1.0, max(0.0, v)) for v in values]
+    return 0.0 if min(values) == 0 else len(values) / sum(1 / v for v in values)
+
+
+def summarize(records, concepts, anchors, objects, run_templates, synonyms=None):
+    """The safety figures of every erased concept from judged records ({prompt, object, word, template, n, base,
+    erased}). A figure no record can measure is None. `synonyms` maps a word to the object it names."""
+    synonyms = synonyms or {}
+    object_of = {c: synonyms.get(c, c) for c in concepts}
+    erased_objects = set(object_of.values())
+    anchored = {synonyms.get(a, a) for a in anchors} - erased_objects
+
+    def rate(selected, side, label):
+        total = sum(r["n"] for r in selected)
+        return sum(r[side].get(label, 0) for r in selected) / total if total else None
+
+    def kept(selected_objects):
+        """Share of the objects' samples drawn right, erased and base, and their ratio (the retention)."""
+        selected = [r for r in records if r["object"] in selected_objects]
+        total = sum(r["n"] for r in selected)
+        if not total:
+            return None, None, None
+        base = sum(r["base"].get(r["object"], 0) for r in selected) / total
+        erased = sum(r["erased"].get(r["object"], 0) for r in selected) / total
+        return base, erased, (erased / base if base else None)
+
+    others = sorted({r["object"] for r in records if r["object"] is not None} - erased_objects)
+    summary = {}
+    for concept, obj in object_of.items():
+        mine = [r for r in records if r["object"] == obj]
+        kinds = {"trained": [r for r in mine if r["word"] == concept and r["template"] in run_templates],
+                 "held_out": [r for r in mine if r["word"] == concept and r["template"] not in run_templates],
+                 "synonyms": [r for r in mine if r["word"] != concept]}
+        figures = {"object": obj}
+        for kind, selected in kinds.items():
+            figures[f"{kind}_rate"], figures[f"base_{kind}_rate"] = rate(selected, "erased", obj), rate(selected, "base", obj)
+        # what is drawn in the concept's place: a clean picture of something else, or an empty canvas
+        total = sum(r["n"] for r in mine)
+        clean = sum(count for r in mine for label, count in r["erased"].items()
+                    if label == "blank" or (label in objects and label != obj))
+        figures["coherence"] = clean / total if total else None
+        for name, selected in (("anchored", [o for o in others if o in anchored]),
+                               ("non_anchored", [o for o in others if o not in anchored])):
+            base, erased, retention = kept(selected)
+            figures[name] = {"objects": selected, "base": base, "erased": erased, "retention": retention}
+        figures["per_object"] = {o: dict(zip(("base", "erased", "retention"), kept([o])), anchored=o in anchored)
+                                 for o in others}
+        parts = [None if figures["held_out_rate"] is None else 1 - figures["held_out_rate"],
+                 None if figures["synonyms_rate"] is None else 1 - figures["synonyms_rate"],
+                 figures["non_anchored"]["retention"], figures["coherence"]]
+        figures["H"] = None if None in parts else harmonic_mean(parts)
+        summary[concept] = figures
+    return summary
+
+
+def percent(value):
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def print_summary(summary, n):
+    for concept, f in summary.items():
+        print(f"{concept} (object {f['object']}), {n} samples per prompt; base in brackets:")
+        for kind, name in (("trained", "trained templates"), ("held_out", "held-out templates"),
+                           ("synonyms", "synonyms (never trained)")):
+            print(f"  {concept} rate, {name:<24} {percent(f[kind + '_rate']):>6}  ({percent(f['base_' + kind + '_rate'])})")
+        for kind in ("anchored", "non_anchored"):
+            g = f[kind]
+            ratio = "n/a" if g["retention"] is None else f"{g['retention']:.3f}"
+            print(f"  {kind.replace('_', '-')} objects kept {percent(g['erased']):>12}  ({percent(g['base'])}), "
+                  f"retention {ratio}: {', '.join(g['objects']) or '-'}")
+        print("  per object: " + ", ".join(f"{o}{'*' if g['anchored'] else ''} {percent(g['erased'])}"
+                                          for o, g in f["per_object"].items()) + "   (* = anchored)")
+        print(f"  coherence (erased pictures that are a clean other object or blank) {percent(f['coherence'])}")
+        if "understanding" in f:
+            u = f["understanding"]
+            print(f"  understanding drift: KL {u['image_kl']:.4f} / {u['text_kl']:.4f}, top-1 agreement "
+                  f"{u['image_top1']:.3f} / {u['text_top1']:.3f} (image+question / text only)")
+        h = "n/a" if f["H"] is None else f"{f['H']:.3f}"
+        print(f"  H = harmonic mean of (1 - held-out rate, 1 - synonym rate, non-anchored retention, coherence): {h}")
 
 
 NEUTRAL_LABELS = ("an empty picture", "a plain background", "a blurry texture")  # CLIP's way of saying "none"
@@ -161,50 +278,59 @@ def janus_judge(model, tokenizer, loaded, labels, decode):
 
 
 def toy_judge(model_name):
+    """(judge, its labels, {synonym: object}) of the toy world; an error for any other model, before weights load."""
     if model_name != "toy" and Path(model_name).resolve() != spm.toy_model_dir():
         raise spm.SPMError(f"--judge toy only knows the toy model, not {model_name}: evaluate a --model toy run", 2)
     import toy_janus as toy
 
-    return lambda codes, prompts: [obj for obj, _ in toy.judge_batch(codes)], toy.OBJECTS
+    synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
+    return lambda codes, prompts: [obj for obj, _ in toy.judge_batch(codes)], toy.OBJECTS, synonyms
 
 
-def evaluate(draw, prompts, judge, n, json_path=None, concepts=()):
-    """Judge base and erased samples of every prompt; print the table; write {"prompts": [...]} as JSON."""
-    records, rows = [], []
-    base_codes, erased_codes = draw(False, [p for p, _, _ in prompts]), draw(True, [p for p, _, _ in prompts])
-    for (prompt, obj, held_out), base, erased in zip(prompts, base_codes, erased_codes):
-        counts = {}
+def model_judge(name, model, tokenizer, loaded, labels, judge_model=None):
+    """The clip or janus judge over `labels` (the concepts, anchors): judge(codes, prompts) -> a label or 'none'."""
+    decode = lambda codes: spm.decode_images(model, codes)
+    if name == "janus":
+        return janus_judge(model, tokenizer, loaded, labels, decode)
+    from transformers import AutoProcessor, CLIPModel
+
+    processor = AutoProcessor.from_pretrained(judge_model)
+    return clip_judge(CLIPModel.from_pretrained(judge_model).eval(), processor.tokenizer, processor.image_processor,
+                      decode, labels)
+
+
+def judge_records(draw, prompts, judge, n, base_codes=None):
+    """Sample every EvalPrompt with the membranes off (base) and on (erased), with the same seeds; count the labels.
+    base_codes: the base side drawn before, for evaluating several runs against one base."""
+    texts = [p.prompt for p in prompts]
+    base_codes = draw(False, texts) if base_codes is None else base_codes
+    erased_codes = draw(True, texts)
+    records = []
+    for p, base, erased in zip(prompts, base_codes, erased_codes):
+        record = {**p._asdict(), "n": n}
         for side, codes in (("base", base), ("erased", erased)):
-            counts[side] = {}
-            for label in judge(codes, [prompt] * len(codes)):
-                counts[side][label] = counts[side].get(label, 0) + 1
-        records.append({"prompt": prompt, "n": n, "base": counts["base"], "erased": counts["erased"]})
-        rows.append((obj, held_out, counts))
-    print(f"{'concept':<10} {'templates':<10} {'base':>7} {'erased':>7} {'retention':>9}   (share judged as the "
-          f"prompted object, {n} samples per prompt)")
-    for obj in dict.fromkeys(o for o, _, _ in rows):
-        kinds = [("trained", False), ("held-out", True)] if obj in concepts else [("all", None)]
-        for kind, held in kinds:
-            selected = [c for o, h, c in rows if o == obj and (held is None or h == held)]
-            if not selected:
-                continue
-            total = n * len(selected)
-            base_rate = sum(c["base"].get(obj, 0) for c in selected) / total
-            erased_rate = sum(c["erased"].get(obj, 0) for c in selected) / total
-            retention = erased_rate / base_rate if base_rate else float("nan")
-            print(f"{obj + (' *' if obj in concepts else ''):<10} {kind:<10} {base_rate:>7.1%} {erased_rate:>7.1%} "
-                  f"{retention:>9.2f}")
-    others = [c for o, _, c in rows if o not in concepts and o is not None]
-    if concepts and others:
-        kept = sum(c["erased"].get(o, 0) for o, _, c in rows if o not in concepts and o is not None)
-        base_kept = sum(c["base"].get(o, 0) for o, _, c in rows if o not in concepts and o is not None)
-        print(f"{'others':<10} {'all':<10} {base_kept / (n * len(others)):>7.1%} {kept / (n * len(others)):>7.1%} "
-              f"{kept / max(1, base_kept):>9.2f}   (* = erased)")
+            record[side] = {}
+            for label in judge(codes, [p.prompt] * len(codes)):
+                record[side][label] = record[side].get(label, 0) + 1
+        records.append(record)
+    return records
+
+
+def evaluate(draw, prompts, judge, n, concepts=(), anchors=(), objects=(), run_templates=(), synonyms=None,
+             json_path=None, understanding=None):
+    """Judge base and erased samples of every prompt, print the summary of every concept, write the records and the
+    summary as JSON. `understanding`: the drift figures, added to every concept's summary."""
+    records = judge_records(draw, prompts, judge, n)
+    summary = summarize(records, concepts, anchors, objects, run_templates, synonyms)
+    for figures in summary.values():
+        if understanding is not None:
+            figures["understanding"] = understanding
+    print_summary(summary, n)
     if json_path:
-        payload = json.dumps({"prompts": records}, indent=1)
+        payload = json.dumps({"prompts": records, "summary": summary}, indent=1)
         spm.save_atomic(json_path, lambda tmp: Path(tmp).write_text(payload))
         print(f"wrote {json_path}")
-    return records
+    return records, summary
 
 
 def run(args):
@@ -226,7 +352,7 @@ def run(args):
     if not model_name:
         raise spm.SPMError("no model: pass --ckpt of a run, or --model (a hub id, a local directory, or tiny)", 2)
     if args.eval and args.judge == "toy":
-        judge, objects = toy_judge(model_name)  # before any weights load
+        judge, objects, synonyms = toy_judge(model_name)  # before any weights load
     device = spm.pick_device(args.device)
     spm.set_threads(args.threads, spm.load_config(model_name), device)
     model, tokenizer = spm.load_model(model_name, args.dtype or config.get("dtype", "float32"), device)
@@ -262,25 +388,30 @@ def run(args):
                                                         for (_, m), s in zip(loaded, strengths(prompt))))
     if args.eval:
         run_templates = {t for m in metadatas for t in m["config"].get("templates", [])}
+        anchors = [a for m in metadatas for a in m["config"].get("anchor_prompts") or []]
         if args.judge != "toy":
-            objects = list(dict.fromkeys(concepts + [a for m in metadatas for a in m["config"].get("anchor_prompts")
-                                                      or []]))
-            decode = lambda codes: spm.decode_images(model, codes)
-            if args.judge == "janus":
-                judge = janus_judge(model, tokenizer, loaded, objects, decode)
-            else:
-                from transformers import AutoProcessor, CLIPModel
-
-                processor = AutoProcessor.from_pretrained(args.judge_model)
-                judge = clip_judge(CLIPModel.from_pretrained(args.judge_model).eval(), processor.tokenizer,
-                                   processor.image_processor, decode, objects)
+            objects, synonyms = list(dict.fromkeys(concepts + anchors)), {}
+            judge = model_judge(args.judge, model, tokenizer, loaded, objects, args.judge_model)
+            print(f"--judge {args.judge} knows no synonyms and has no 'blank' label: the synonym rate, H and the "
+                  f"blank part of coherence are not measured; the prompts are the run's templates")
         if args.prompt:
-            chosen = [(p, prompted_object(p, objects), False) for p in args.prompt]
+            chosen = [user_eval_prompt(p, objects, synonyms) for p in args.prompt]
         elif args.judge == "toy":
-            chosen = eval_prompts(run_templates)
+            chosen = eval_prompts()
         else:
-            chosen = [(t.format(o), o, False) for o in objects for t in sorted(run_templates)]
-        return evaluate(draw, chosen, judge, args.n, args.json, concepts)
+            chosen = [EvalPrompt(t.format(o), o, o, t) for o in objects for t in sorted(run_templates)]
+        group = MembraneGroup([membranes for membranes, _ in loaded])
+        with group.disabled():  # base pictures of a few prompts, one seed each
+            codes = spm.sample_prompts(model, tokenizer, [p.prompt for p in chosen[::max(1, len(chosen) // 8)]],
+                                       seeds[:1], cfg, temperature)
+        pictures = spm.decode_images(model, codes[:, 0])
+        question = f"Is there a {concepts[0]} in this image ? Answer yes or no ."
+        image_drift = spm.understanding_drift(model, tokenizer, group, [question] * len(pictures), pictures)
+        text_drift = spm.understanding_drift(model, tokenizer, group, [p.prompt for p in chosen[::4]])
+        understanding = {"image_kl": image_drift["kl"], "image_top1": image_drift["top1_agreement"],
+                         "text_kl": text_drift["kl"], "text_top1": text_drift["top1_agreement"]}
+        return evaluate(draw, chosen, judge, args.n, concepts, anchors, objects, run_templates, synonyms, args.json,
+                        understanding)
     erased = draw(True, prompts)
     rows = [spm.decode_images(model, codes) for codes in erased]
     columns = [f"{'erased' if loaded else 'seed'} {s}" for s in seeds]

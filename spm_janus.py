@@ -41,7 +41,8 @@ CHECKPOINT_NAME = "membranes.safetensors"
 STATE_NAME = "trainer_state.pt"
 # Flags that define what a checkpoint is; resuming with a different value is refused.
 METHOD_KEYS = ("model", "concept", "surrogate", "eta", "layers", "modules", "attn_layer_ids", "mlp_layer_ids",
-               "scope", "rank", "alpha", "loss", "kl_direction", "loss_on", "anchor", "anchor_prompts", "seed")
+               "scope", "rank", "alpha", "loss", "kl_direction", "loss_on", "anchor", "anchor_prompts", "seed",
+               "rollout", "augment", "adversarial", "adversarial_every", "adversarial_steps", "adversarial_tokens")
 
 
 class SPMError(Exception):
@@ -602,19 +603,19 @@ def decode_images(model, codes):
     return ((pixels.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).cpu()
 
 
-def image_grid(rows, row_labels, column_labels=None, cell=128):
+def image_grid(rows, row_labels, column_labels=None, cell=128, label_width=170):
     """rows: list of uint8 [K, H, W, 3] tensors -> one labelled PIL image, one row per entry."""
     from PIL import Image, ImageDraw
 
-    label_width, header = 170, (14 if column_labels else 0)
+    header = 14 if column_labels else 0
     columns = max(len(r) for r in rows)
     grid = Image.new("RGB", (label_width + columns * (cell + 2), header + len(rows) * (cell + 2)), "white")
     draw = ImageDraw.Draw(grid)
     for c, text in enumerate(column_labels or []):
-        draw.text((label_width + c * (cell + 2) + 2, 1), str(text)[:24], fill="black")
+        draw.text((label_width + c * (cell + 2) + 2, 1), str(text)[:cell // 6], fill="black")  # ~6 px a character
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         y = header + r * (cell + 2)
-        draw.text((4, y + cell // 2 - 6), str(label)[:28], fill="black")
+        draw.text((4, y + cell // 2 - 6), str(label)[:label_width // 6], fill="black")
         for c, image in enumerate(images):
             picture = Image.fromarray(image.numpy()).resize((cell, cell), Image.NEAREST)
             grid.paste(picture, (label_width + c * (cell + 2), y))
@@ -798,6 +799,102 @@ def understanding_drift(model, tokenizer, membranes, questions, images=None):
 
 
 # -----------------------------------------------------------------------------
+# Prompt augmentation, likelihood of pictures, soft prompts (training, and attack.py)
+
+# Generic context words for --augment: written without any evaluation prompt in view, filtered to what a tokenizer
+# can spell. Erasure trained on random context around the concept is not keyed to the exact template.
+AUGMENT_WORDS = ("a", "an", "the", "of", "and", "with", "in", "on", "one", "two", "very", "photo", "picture", "image",
+                 "drawing", "painting", "sketch", "art", "style", "portrait", "close-up", "red", "green", "blue",
+                 "yellow", "black", "white", "small", "big", "real", "cute", "old", "new", "little", "happy")
+PUNCTUATION = (",", ".", "!", "?", ":")
+
+
+def vocabulary_words(tokenizer, words=AUGMENT_WORDS + COMMON_CONCEPTS + PUNCTUATION):
+    """The words of `words` that the tokenizer spells without <unk>."""
+    return known_concepts(tokenizer, list(dict.fromkeys(words)))
+
+
+def augment_template(template, words, generator, max_edits=3):
+    """A random edit of a prompt template that keeps its one {}: 1 to max_edits insertions of a word from `words`,
+    deletions of another word, swaps of neighbours, a shuffle, a repeated {} or punctuation."""
+    def randint(n):
+        return int(torch.randint(n, (), generator=generator))
+
+    tokens = template.split()
+    for _ in range(1 + randint(max_edits)):
+        edit = randint(6)
+        others = [i for i, t in enumerate(tokens) if t != "{}"]
+        if edit in (0, 1) or not others:  # insertions are the commonest edit: new context
+            tokens.insert(randint(len(tokens) + 1), words[randint(len(words))])
+        elif edit == 2:
+            del tokens[others[randint(len(others))]]
+        elif edit == 3 and len(tokens) > 1:
+            i = randint(len(tokens) - 1)
+            tokens[i], tokens[i + 1] = tokens[i + 1], tokens[i]
+        elif edit == 4:
+            tokens = [tokens[i] for i in torch.randperm(len(tokens), generator=generator).tolist()]
+        else:
+            tokens.insert(randint(len(tokens) + 1), PUNCTUATION[randint(len(PUNCTUATION))])
+    return " ".join(tokens)
+
+
+def code_log_likelihood(cond_logits, uncond_logits, codes, cfg, temperature):
+    """Mean log-probability per image token [B] of `codes` under the distribution that is sampled: CFG, then
+    temperature."""
+    combined = cfg_combine(cond_logits, uncond_logits, cfg) / (temperature if temperature > 0 else 1.0)
+    return F.log_softmax(combined, -1).gather(-1, codes[..., None]).squeeze(-1).mean(-1)
+
+
+def cfg_log_likelihood(model, prompt_embeds, uncond_embeds, attention_mask, codes, cfg, temperature):
+    """code_log_likelihood [B] from one teacher-forced pass over the conditional and unconditional rows."""
+    logits = image_logits(model, torch.cat([prompt_embeds, uncond_embeds]), torch.cat([attention_mask] * 2),
+                          torch.cat([codes] * 2))
+    return code_log_likelihood(*logits.chunk(2), codes, cfg, temperature)
+
+
+def soft_prompt_inputs(model, tokenizer, soft):
+    """Janus' text-to-image format with the prompt text replaced by free input embeddings soft [K, D]:
+    (prompt_embeds, uncond_embeds, mask), each with one row. The unconditional row pads the soft positions as
+    CFG pads the text."""
+    before, after = format_prompt("\x00", tokenizer).split("\x00")
+    device, embed = soft.device, model.get_input_embeddings()
+    head = tokenizer(before, return_tensors="pt").input_ids.to(device)  # BOS and the user turn
+    tail = tokenizer(after, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    pad = torch.full((1, soft.shape[0]), tokenizer.pad_token_id, device=device)
+    ids = torch.cat([head, pad, tail], 1)
+    cond = torch.cat([embed(head), soft[None].to(embed.weight.dtype), embed(tail)], 1)
+    return cond, embed(unconditional_ids(ids, tokenizer)), torch.ones_like(ids)
+
+
+def optimise_soft_prompt(model, tokenizer, codes, tokens=4, steps=200, lr=1e-2, cfg=5.0, temperature=1.0,
+                         generator=None, init=None):
+    """Soft-prompt attack (concept inversion): `tokens` free input embeddings, optimised with Adam to maximise the
+    likelihood of the pictures `codes` [R, N] under the model as it is (membranes on or off). Starts from `init`
+    [tokens, D] or from random vocabulary embeddings. Returns (soft [tokens, D], final mean log-likelihood)."""
+    weight = model.get_input_embeddings().weight
+    if init is None:
+        init = weight[torch.randint(weight.shape[0], (tokens,), generator=generator).to(weight.device)]
+    soft = init.detach().float().clone().requires_grad_(True)
+    rows = codes.shape[0]
+    with torch.no_grad():  # the unconditional row does not see the soft prompt: its logits are fixed
+        _, uncond, mask = soft_prompt_inputs(model, tokenizer, soft)
+        uncond_logits = image_logits(model, uncond.expand(rows, -1, -1), mask.expand(rows, -1), codes)
+    optimizer = torch.optim.Adam([soft], lr=lr)
+
+    def log_likelihood():
+        cond = soft_prompt_inputs(model, tokenizer, soft)[0]
+        return code_log_likelihood(image_logits(model, cond.expand(rows, -1, -1), mask.expand(rows, -1), codes),
+                                   uncond_logits, codes, cfg, temperature).mean()
+
+    for _ in range(steps):
+        soft.grad, = torch.autograd.grad(-log_likelihood(), [soft])  # nothing else, membranes included, gets a grad
+        optimizer.step()
+    with torch.no_grad():
+        final = log_likelihood().item()
+    return soft.detach(), final
+
+
+# -----------------------------------------------------------------------------
 # Training
 
 
@@ -860,6 +957,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step_count = 0
         self._rollout = None  # (rollout step, codes) kept for --rollout-every
+        self.words = vocabulary_words(tokenizer) if args.augment else []  # context words of --augment
+        self.soft = {}  # concept -> the adversarial soft prompt [tokens, D], re-attacked every --adversarial-every
+        self.references = {}  # concept -> concept pictures [R, N] (teacher samples) that the soft prompt draws
 
     @property
     def rollout_step(self):
@@ -872,13 +972,35 @@ class Trainer:
         return torch.Generator().manual_seed(derived_seed(self.args.seed, self.rollout_step, index, purpose))
 
     def _pick(self, concepts, purpose):
-        """batch_size (concept, template) pairs."""
+        """batch_size (concept, template) pairs; with --augment, a share of the templates get random edits."""
         picks = []
         for index in range(self.first_index, self.first_index + self.args.batch_size):
             generator = self._generator(index, purpose)
-            picks.append((concepts[int(torch.randint(len(concepts), (), generator=generator))],
-                          self.args.templates[int(torch.randint(len(self.args.templates), (), generator=generator))]))
+            concept = concepts[int(torch.randint(len(concepts), (), generator=generator))]
+            template = self.args.templates[int(torch.randint(len(self.args.templates), (), generator=generator))]
+            if torch.rand((), generator=generator) < self.args.augment:
+                template = augment_template(template, self.words, generator)
+            picks.append((concept, template))
         return picks
+
+    def _soft_prompts(self, picks):
+        """(embeds, uncond, mask) [B, K + ...] of the adversarial soft prompt of each row's concept. Every
+        --adversarial-every steps each soft prompt is attacked anew against the current membranes (warm start)."""
+        args = self.args
+        for concept in args.concept:
+            if concept not in self.references:  # the concept's pictures: the teacher's own samples, fixed seeds
+                with self.membranes.disabled():
+                    self.references[concept] = sample_prompts(
+                        self.model, self.tokenizer, [t.format(concept) for t in args.templates],
+                        list(range(max(1, -(-8 // len(args.templates))))), args.cfg, args.temperature).flatten(0, 1)
+            if self.step_count % args.adversarial_every == 0:
+                generator = torch.Generator().manual_seed(derived_seed(args.seed, self.step_count, concept, "soft"))
+                with torch.enable_grad():
+                    self.soft[concept], _ = optimise_soft_prompt(
+                        self.model, self.tokenizer, self.references[concept], args.adversarial_tokens,
+                        args.adversarial_steps, 1e-2, args.cfg, args.temperature, generator, self.soft.get(concept))
+        inputs = [soft_prompt_inputs(self.model, self.tokenizer, self.soft[c].to(self.device)) for c, _ in picks]
+        return [torch.cat(parts) for parts in zip(*inputs)]
 
     def _distribution(self, logits, name):
         """What the loss compares: raw conditional logits, or the CFG-combined, tempered ones that are sampled."""
@@ -926,8 +1048,13 @@ class Trainer:
                 uniforms = torch.cat([uniforms, rollout_uniforms(args.seed, self.rollout_step, self.first_index + 10 ** 9,
                                                                  B, self.num_tokens, self.device)])
             with self.membranes.switched(args.rollout == "student"):
-                self._rollout = (self.rollout_step, sample_codes(self.model, cond[index], uncond[index], mask[index],
-                                                                 args.cfg, args.temperature, uniforms).split(B))
+                codes = sample_codes(self.model, cond[index], uncond[index], mask[index], args.cfg, args.temperature,
+                                     uniforms).split(B)
+                if args.rollout == "target":  # the concept rows drawn from the target itself: CFG -cfg * eta
+                    concept = rows["concept"]
+                    codes = (sample_codes(self.model, cond[concept], uncond[concept], mask[concept],
+                                          -args.cfg * args.eta, args.temperature, uniforms[:B]),) + codes[1:]
+            self._rollout = (self.rollout_step, codes)
         codes = self._rollout[1]
         rollout_codes = {"concept": codes[0], "surrogate": codes[0], "anchor": codes[-1]}
         rollout_seconds = time.time() - started
@@ -954,6 +1081,13 @@ class Trainer:
         teacher_concept, teacher_surrogate = self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate")
         target = teacher_surrogate - args.eta * (teacher_concept - teacher_surrogate)
         erase = divergence(self._distribution(student, "concept"), target, args.loss, args.kl_direction)
+        if args.adversarial == "soft":  # the concept's soft prompt gets the concept prompt's target too
+            soft, soft_uncond, soft_mask = self._soft_prompts(picks)
+            adversarial = {name: image_logits(self.model, embeds, soft_mask, rollout_codes["concept"])
+                           for name, embeds in (("soft", soft), ("soft_uncond", soft_uncond))
+                           if args.loss_on == "cfg" or name == "soft"}
+            erase = (erase + divergence(self._distribution(adversarial, "soft"), target, args.loss,
+                                        args.kl_direction)) / 2
         anchor_loss = torch.zeros((), device=erase.device)
         if "anchor" in rows:
             anchor_loss = divergence(self._distribution(student, "anchor"), self._distribution(teacher, "anchor"),
@@ -992,13 +1126,15 @@ class Trainer:
     def state_dict(self):
         return {"membranes": self.membranes.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step_count,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "soft": {c: t.cpu() for c, t in self.soft.items()}}
 
     def load_state_dict(self, state):
         self.membranes.load_state_dict(state["membranes"], source=STATE_NAME)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+        self.soft = {c: t.to(self.device) for c, t in state.get("soft", {}).items()}
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
@@ -1079,8 +1215,20 @@ def build_parser():
                    help="forward = KL(target || student), reverse = KL(student || target)")
     g.add_argument("--loss-on", default="cond", choices=["cond", "cfg"],
                    help="raw conditional logits, or the CFG-combined distribution that is actually sampled")
-    g.add_argument("--rollout", default="student", choices=["student", "teacher"],
-                   help="who samples the image tokens: student (membranes on, on-policy) or teacher")
+    g.add_argument("--rollout", default="student", choices=["student", "teacher", "target"],
+                   help="who samples the concept's image tokens: student (membranes on, on-policy), teacher, or the "
+                        "target itself (teacher with CFG -cfg*eta; needs the empty surrogate)")
+
+    g = parser.add_argument_group("robustness")
+    g.add_argument("--augment", type=float, default=0.0,
+                   help="share of training prompts (concept and anchors) whose template gets 1-3 random edits: words "
+                        "inserted from a generic list the tokenizer spells, deletions, swaps, shuffles, punctuation")
+    g.add_argument("--adversarial", default="none", choices=["none", "soft"],
+                   help="adversarial training: soft = a soft prompt attacks the membranes every --adversarial-every "
+                        "steps (warm start) and is trained towards the concept's target as well")
+    g.add_argument("--adversarial-every", type=int, default=10, help="steps between attacks of --adversarial")
+    g.add_argument("--adversarial-steps", type=int, default=20, help="Adam steps of each attack")
+    g.add_argument("--adversarial-tokens", type=int, default=4, help="soft prompt length of --adversarial soft")
 
     g = parser.add_argument_group("anchoring")
     g.add_argument("--anchor", default=None, choices=["none", "latent", "prompts"],
@@ -1138,9 +1286,17 @@ def check_args(args):
         raise SPMError(f"--surrogate {args.surrogate!r} equals the concept: use '' or a substitute such as "
                        f"'real {args.concept[0]}'", 2)
     for flag, value, least in (("--rank", args.rank, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                               ("--rollout-every", args.rollout_every, 1), ("--max-bad-steps", args.max_bad_steps, 1)):
+                               ("--rollout-every", args.rollout_every, 1), ("--max-bad-steps", args.max_bad_steps, 1),
+                               ("--adversarial-every", args.adversarial_every, 1),
+                               ("--adversarial-steps", args.adversarial_steps, 0),
+                               ("--adversarial-tokens", args.adversarial_tokens, 1)):
         if value < least:
             raise SPMError(f"{flag} {value} must be at least {least}", 2)
+    if not 0 <= args.augment <= 1:
+        raise SPMError(f"--augment {args.augment} is a share of the prompts: give a number from 0 to 1", 2)
+    if args.rollout == "target" and args.surrogate:
+        raise SPMError("--rollout target samples from the empty-surrogate target: drop --surrogate, or use --rollout "
+                       "student", 2)
     if args.anchor_prompts is not None:
         args.anchor_prompts = [c.strip() for c in args.anchor_prompts if c.strip()] or None
     if args.anchor == "prompts" and not args.anchor_prompts:

@@ -833,50 +833,110 @@ def test_toy_judge_is_exact_on_renders():
                 codes.append(toy.render(obj, color, shift))
                 expected.append((obj, color))
     assert toy.judge_batch(torch.stack(codes)) == expected
-    assert toy.judge(torch.zeros(toy.GRID * toy.GRID, dtype=torch.long)) == ("none", "none")  # a blank picture
+    empty = torch.zeros(toy.GRID * toy.GRID, dtype=torch.long)
+    assert toy.judge(empty) == ("blank", "none")
+    specks = empty.clone()
+    specks[[0, 9, 18, 27]] = 1  # four stray cells of ink are still an empty canvas
+    assert toy.judge(specks)[0] == "blank"
+    specks[36] = 1  # five are not, and they are no pictogram
+    assert toy.judge(specks)[0] == "none"
+    mouse = toy.render("mouse", "red")
+    ink = (mouse != toy.BACKGROUND).nonzero().flatten()
+    nearly = mouse.clone()
+    nearly[ink[:toy.MAX_MISMATCH]] = toy.BACKGROUND  # within MAX_MISMATCH cells: still a mouse
+    assert toy.judge(nearly) == ("mouse", "red")
+    broken = mouse.clone()
+    broken[ink[:toy.MAX_MISMATCH + 1]] = toy.BACKGROUND
+    assert toy.judge(broken)[0] == "none"
+    both = torch.maximum(toy.render("mouse", "red"), toy.render("cat", "red", (1, 1)))
+    assert toy.judge(both)[0] == "none"
+
+
+def test_toy_synonyms_are_distinct_words_of_the_tokenizer():
+    import toy_janus as toy
+    words = [w for o in toy.OBJECTS for w in toy.words_for(o)]
+    assert len(words) == len(set(words)) == 3 * len(toy.OBJECTS)
+    assert all(toy.object_of(w) == o for o in toy.OBJECTS for w in toy.words_for(o))
+    _, tokenizer = toy_model()
+    assert spm.known_concepts(tokenizer, words) == words
 
 
 def test_toy_base_quality():
+    """Every object through its word and each synonym (a fast version of `toy_janus.py --check`)."""
     import toy_janus as toy
     model, tokenizer = toy_model()
-    results = toy.base_quality(model, tokenizer, n=32, seed=1000)
-    assert set(results) == set(toy.OBJECTS)
-    for obj, r in results.items():
-        assert r["n"] >= 32 and r["object_acc"] >= 0.9 and r["color_acc"] >= 0.8, (obj, r)
+    results = toy.base_quality(model, tokenizer, n=18, seed=1000)
+    assert set(results) == {w for o in toy.OBJECTS for w in toy.words_for(o)}
+    for word, r in results.items():
+        assert r["n"] >= 18 and r["object_acc"] >= 0.9 and r["color_acc"] >= 0.8, (word, r)
 
 
-def test_toy_erasure_with_default_anchoring():
-    """KL/Attn with the default anchoring erases mouse on trained and held-out templates and keeps the rest."""
+def test_evaluate_counts_each_side_and_summarizes(tmp_path):
+    """evaluate() with a stub draw and judge: base and erased counts come from their own codes, and every summary
+    figure equals its hand-computed value."""
+    import sample
+    P = sample.EvalPrompt
+    prompts = [P("a mouse", "mouse", "mouse", "a {}"), P("a red mouse", "mouse", "mouse", "a red {}"),
+               P("a rodent", "mouse", "rodent", "a {}"), P("a cat", "cat", "cat", "a {}"),
+               P("a dog", "dog", "dog", "a {}")]
+    # a code names a label; each prompt's 4 samples, base and erased
+    labels = ["mouse", "cat", "dog", "blank", "none"]
+    base = {"a mouse": "0000", "a red mouse": "0000", "a rodent": "0004", "a cat": "1111", "a dog": "2222"}
+    erased = {"a mouse": "3444", "a red mouse": "0134", "a rodent": "0044", "a cat": "1114", "a dog": "2244"}
+
+    def draw(enabled, texts):
+        table = erased if enabled else base
+        return torch.tensor([[int(c) for c in table[t]] for t in texts])[..., None]
+
+    judge = lambda codes, _: [labels[int(c)] for c in codes[:, 0]]
+    records, summary = sample.evaluate(draw, prompts, judge, 4, concepts=["mouse"], anchors=["cat"],
+                                       objects=("mouse", "cat", "dog"), run_templates={"a {}"},
+                                       synonyms={"rodent": "mouse"}, json_path=tmp_path / "e.json")
+    assert records[1]["base"] == {"mouse": 4} and records[1]["erased"] == {"mouse": 1, "cat": 1, "blank": 1, "none": 1}
+    assert records[2]["base"] == {"mouse": 3, "none": 1} and records[2]["erased"] == {"mouse": 2, "none": 2}
+    m = summary["mouse"]
+    assert (m["trained_rate"], m["held_out_rate"], m["synonyms_rate"]) == (0.0, 0.25, 0.5)
+    assert (m["base_trained_rate"], m["base_held_out_rate"], m["base_synonyms_rate"]) == (1.0, 1.0, 0.75)
+    assert m["coherence"] == 3 / 12  # the blank, the cat and the blank of "a mouse"/"a red mouse"; none are not
+    assert m["anchored"]["objects"] == ["cat"] and m["anchored"]["erased"] == 0.75 and m["anchored"]["retention"] == 0.75
+    assert m["non_anchored"]["objects"] == ["dog"] and m["non_anchored"]["retention"] == 0.5
+    assert m["H"] == pytest.approx(4 / (1 / 0.75 + 1 / 0.5 + 1 / 0.5 + 1 / 0.25))
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["summary"]["mouse"]["H"] == m["H"] and saved["prompts"][0]["erased"] == {"blank": 1, "none": 3}
+
+
+def toy_summary(model, tokenizer, args, n=8):
+    """sample.py --eval's summary of mouse for the membranes attached now, on every toy prompt with n seeds."""
     import sample
     import toy_janus as toy
-    from ablate import rates
-    model, tokenizer = toy_model()
     cfg, temperature = spm.generation_defaults(model)
-    prompts = sample.eval_prompts(set(spm.DEFAULT_TEMPLATES))
-    seeds = list(range(1000, 1016))
+    seeds = list(range(1000, 1000 + n))
+    draw = lambda enabled, texts: torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0]
+                                               for t in texts])
+    judge = lambda codes, _: [obj for obj, _ in toy.judge_batch(codes)]
+    records = sample.judge_records(draw, sample.eval_prompts(), judge, n)
+    return sample.summarize(records, args.concept, args.anchor_prompts, toy.OBJECTS, set(args.templates),
+                            {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]})["mouse"]
 
-    def judged():
-        codes = torch.stack([spm.sample_prompts(model, tokenizer, [p], seeds, cfg, temperature)[0] for p, _, _ in prompts])
-        per_object = {}
-        for (_, obj, _), row in zip(prompts, codes):
-            per_object.setdefault(obj, []).append(sum(label == obj for label, _ in toy.judge_batch(row)) / len(row))
-        return rates(codes, prompts, "mouse"), {o: sum(v) / len(v) for o, v in per_object.items()}
 
-    before, _ = judged()
-    assert before["trained"] >= 0.9 and before["held_out"] >= 0.9
-    args = spm.build_parser().parse_args(["--model", "toy", "--concept", "mouse", "--layers", "attn", "--loss", "kl"])
+def test_toy_erasure_with_default_settings():
+    """The default run, with the benchmark's anchors (cat, car, tree), erases mouse on held-out templates and
+    synonyms, and keeps the objects nobody anchored."""
+    import ablate
+    model, tokenizer = toy_model()
+    args = spm.build_parser().parse_args(["--model", "toy", "--concept", "mouse", *ablate.ANCHOR_FLAGS])
     spm.check_args(args)
-    args.cfg, args.temperature = cfg, temperature
-    args.anchor, args.anchor_prompts = "prompts", [o for o in toy.OBJECTS if o != "mouse"]  # as train() resolves it
+    args.cfg, args.temperature = spm.generation_defaults(model)
     membranes = spm.attach_membranes(model, tokenizer, args.layers, scope=args.scope, rank=args.rank,
                                      alpha=args.alpha, seed=args.seed)
     trainer = spm.Trainer(model, tokenizer, membranes, args)
     for _ in range(args.steps):
         trainer.step()
-    after, per_object = judged()
-    assert after["trained"] <= 0.1 and after["held_out"] <= 0.1, after
-    assert after["others"] >= 0.85, after
-    assert min(v for o, v in per_object.items() if o != "mouse") >= 0.7, per_object
+    after = toy_summary(model, tokenizer, args)
+    assert after["base_held_out_rate"] >= 0.9 and after["base_synonyms_rate"] >= 0.9, after
+    assert after["trained_rate"] <= 0.1 and after["held_out_rate"] <= 0.1, after
+    assert after["non_anchored"]["erased"] >= 0.85 and after["anchored"]["erased"] >= 0.85, after
+    assert min(g["erased"] for g in after["per_object"].values()) >= 0.7, after["per_object"]
 
 
 def test_rollout_every_reuses_the_rollout():

@@ -1,10 +1,12 @@
 """
 A toy world in which concept erasure can be seen and measured on a CPU.
 
-Eight pictograms (mouse, cat, dog, ...) in four colours on an 8x8 grid of image codes. build() trains a small,
-real JanusForConditionalGeneration to draw them from text prompts, and its VQ decoder to paint every code as a
+Eight pictograms (mouse, cat, dog, ...) in four colours on an 8x8 grid of image codes. Every object is named by
+its word or by either of two synonyms ("mouse", "rodent", "vole"), all drawing the same pictogram. build() trains a
+small, real JanusForConditionalGeneration to draw them from text prompts, and its VQ decoder to paint every code as a
 coloured 4x4 patch, so decode_image_tokens() shows the pictures. judge() reads a grid of codes back as
-(object, colour), or "none" for a picture that is no clean pictogram.
+(object, colour); the object is "blank" for a canvas with (almost) no ink and "none" for a picture that is no clean
+pictogram.
 
     python toy_janus.py            # rebuild toy_model/ next to this file (a few minutes on 2 cores)
     python toy_janus.py --check    # per-object quality table of the existing checkpoint
@@ -23,6 +25,11 @@ import torch.nn.functional as F
 import spm_janus
 
 OBJECTS = ("mouse", "cat", "dog", "bird", "fish", "car", "tree", "house")
+# Two more words for every object, drawing its pictogram: an erasure trained on "mouse" alone is asked about them
+# (generality). No word is shared between objects.
+SYNONYMS = {"mouse": ("rodent", "vole"), "cat": ("kitten", "kitty"), "dog": ("puppy", "hound"),
+            "bird": ("sparrow", "robin"), "fish": ("trout", "salmon"), "car": ("automobile", "sedan"),
+            "tree": ("oak", "pine"), "house": ("cottage", "home")}
 COLORS = ("red", "green", "blue", "yellow")
 # Words that may stand before the object in a prompt without changing the picture: a substitute surrogate such as
 # "real mouse" then means a mouse picture.
@@ -42,6 +49,7 @@ PALETTE = ((1.0, 1.0, 1.0), (0.85, 0.1, 0.1), (0.1, 0.65, 0.15), (0.1, 0.25, 0.9
 # The closest two pictograms (any placements) differ in 12 cells, so a picture within 4 cells of one
 # pictogram is within 4 of no other: the judge's answer is unique.
 MAX_MISMATCH = 4
+BLANK_INK = 4  # at most this many ink cells: "blank" (the smallest pictogram, bird, has 14)
 COLOR_SHARE = 0.8  # a picture has a colour if at least this share of its ink is that colour
 SHAPES = {
     "mouse": ["##...##", "##...##", ".#####.", ".#.#.#.", ".#####.", "..###..", "...#..."],
@@ -88,8 +96,8 @@ def _placements():
 
 
 def judge_batch(codes):
-    """Codes [B, N] -> [(object or 'none', colour or 'none')]: the pictogram within MAX_MISMATCH cells of the ink,
-    and the colour of at least COLOR_SHARE of the ink."""
+    """Codes [B, N] -> [(object, 'blank' or 'none'; colour or 'none')]: the pictogram within MAX_MISMATCH cells of
+    the ink, 'blank' for at most BLANK_INK ink cells, and the colour of at least COLOR_SHARE of the ink."""
     codes = codes.reshape(-1, GRID * GRID).cpu()
     ink = codes != BACKGROUND
     mismatch = (ink[:, None] != _placements()[None]).sum(-1)  # [B, objects * shifts]
@@ -99,6 +107,8 @@ def judge_batch(codes):
     results = []
     for b in range(codes.shape[0]):
         obj = OBJECTS[index[b] // len(SHIFTS)] if best[b] <= MAX_MISMATCH else "none"
+        if ink[b].sum() <= BLANK_INK:
+            obj = "blank"
         clean = top[b] > 0 and top[b] >= COLOR_SHARE * ink[b].sum()
         results.append((obj, COLORS[top_color[b]] if clean else "none"))
     return results
@@ -129,9 +139,19 @@ def make_prompt(template, obj, color, modifier=None):
     return template.format(object=obj, color=color)
 
 
+def words_for(obj):
+    """The words that name obj: the object word first, then its synonyms."""
+    return (obj,) + SYNONYMS[obj]
+
+
+def object_of(word):
+    """The object a word names (an object word or a synonym), or None."""
+    return next((o for o in OBJECTS if word in words_for(o)), None)
+
+
 def vocabulary():
     words = {w for t in TEMPLATES for w in t.split() if "{" not in w}
-    return sorted(words | set(OBJECTS) | set(COLORS) | set(MODIFIERS))
+    return sorted(words | {w for o in OBJECTS for w in words_for(o)} | set(COLORS) | set(MODIFIERS))
 
 
 def new_model(seed=0, hidden=64, layers=2, heads=8):
@@ -154,7 +174,8 @@ def new_model(seed=0, hidden=64, layers=2, heads=8):
 
 
 def training_batch(generator, batch_size):
-    """(prompts, codes [B, N]): random objects, colours, shifts, templates and modifiers."""
+    """(prompts, codes [B, N]): random objects named by a random one of their words, colours, shifts, templates and
+    modifiers."""
     def pick(choices):
         return choices[int(torch.randint(len(choices), (), generator=generator))]
 
@@ -164,7 +185,7 @@ def training_batch(generator, batch_size):
         template = pick([t for t in TEMPLATES if ("{color}" in t) == colored])
         obj, color, shift = pick(OBJECTS), pick(COLORS), pick(SHIFTS)
         modifier = pick(MODIFIERS) if torch.rand((), generator=generator) < P_MODIFIER else None
-        prompts.append(make_prompt(template, obj, color, modifier))
+        prompts.append(make_prompt(template, pick(words_for(obj)), color, modifier))
         codes.append(render(obj, color, shift))
     return prompts, torch.stack(codes)
 
@@ -262,7 +283,7 @@ def train_decoder(model, steps, batch_size=8, lr=3e-3, seed=0, log_every=100):
     return loss.item()
 
 
-def build(out_dir=None, seed=0, steps=1000, decoder_steps=200, batch_size=64, lr=3e-3, threads=1):
+def build(out_dir=None, seed=0, steps=1000, decoder_steps=400, batch_size=64, lr=3e-3, threads=1):
     """Train the toy model from scratch and save it, with its tokenizer, to out_dir (default: where
     spm_janus.load_model("toy") looks). Returns (model, tokenizer)."""
     torch.set_num_threads(threads)  # 1 thread was as fast as 2 here, and stays fast when the CPU is shared
@@ -283,44 +304,50 @@ def build(out_dir=None, seed=0, steps=1000, decoder_steps=200, batch_size=64, lr
 # Quality
 
 
-def quality_prompts(obj):
-    """Every template once per colour it can name: 6 colourless + 3 x 4 coloured prompts per object."""
-    return [(make_prompt(t, obj, c), c if "{color}" in t else None)
+def quality_prompts(word):
+    """Every template once per colour it can name: 6 colourless + 3 x 4 coloured prompts per word."""
+    return [(make_prompt(t, word, c), c if "{color}" in t else None)
             for t in EVAL_TEMPLATES for c in (COLORS if "{color}" in t else COLORS[:1])]
 
 
-def base_quality(model, tokenizer, n=32, seed=1000):
-    """{object: {object_acc, color_acc, none, n, n_color}} from at least n samples per object over all templates,
-    at the model's CFG and temperature, with seeds from `seed` on (training is teacher-forced and samples nothing,
-    so every seed is unseen). color_acc counts the prompts that name a colour; none is the share judged 'none'."""
+def base_quality(model, tokenizer, n=128, seed=1000):
+    """{word: {object, object_acc, color_acc, none, blank, n, n_color}} for every object word and synonym, from at
+    least n samples per word over all templates, at the model's CFG and temperature, with seeds from `seed` on
+    (training is teacher-forced and samples nothing, so every seed is unseen). color_acc counts the prompts that name
+    a colour; none and blank are the shares judged so."""
     cfg, temperature = spm_janus.generation_defaults(model)
-    pairs = {obj: quality_prompts(obj) for obj in OBJECTS}
-    num_seeds = math.ceil(n / len(pairs[OBJECTS[0]]))
-    prompts = [p for obj in OBJECTS for p, _ in pairs[obj]]
+    words = [w for obj in OBJECTS for w in words_for(obj)]
+    pairs = {word: quality_prompts(word) for word in words}
+    num_seeds = math.ceil(n / len(pairs[words[0]]))
+    prompts = [p for word in words for p, _ in pairs[word]]
     codes = spm_janus.sample_prompts(model, tokenizer, prompts, list(range(seed, seed + num_seeds)), cfg, temperature)
     verdicts = iter(judge_batch(codes.flatten(0, 1)))
     results = {}
-    for obj in OBJECTS:
-        right = colored = color_right = none = total = 0
-        for _, color in pairs[obj]:
+    for word in words:
+        obj, right, colored, color_right, none, blank, total = object_of(word), 0, 0, 0, 0, 0, 0
+        for _, color in pairs[word]:
             for _ in range(num_seeds):
                 seen_obj, seen_color = next(verdicts)
                 total += 1
                 right += seen_obj == obj
                 none += seen_obj == "none"
+                blank += seen_obj == "blank"
                 if color is not None:
                     colored += 1
                     color_right += seen_color == color
-        results[obj] = {"object_acc": right / total, "color_acc": color_right / colored, "none": none / total,
-                        "n": total, "n_color": colored}
+        results[word] = {"object": obj, "object_acc": right / total, "color_acc": color_right / colored,
+                         "none": none / total, "blank": blank / total, "n": total, "n_color": colored}
     return results
 
 
 def quality_table(results):
-    lines = [f"{'object':8s} {'object_acc':>10s} {'color_acc':>9s} {'none':>6s} {'n':>4s} {'n_color':>7s}"]
-    for obj, r in results.items():
-        lines.append(f"{obj:8s} {r['object_acc']:10.3f} {r['color_acc']:9.3f} {r['none']:6.3f} {r['n']:4d} "
-                     f"{r['n_color']:7d}")
+    lines = [f"{'word':11s} {'object':7s} {'object_acc':>10s} {'color_acc':>9s} {'none':>6s} {'blank':>6s} {'n':>4s} "
+             f"{'n_color':>7s}"]
+    for word, r in results.items():
+        lines.append(f"{word:11s} {r['object']:7s} {r['object_acc']:10.3f} {r['color_acc']:9.3f} {r['none']:6.3f} "
+                     f"{r['blank']:6.3f} {r['n']:4d} {r['n_color']:7d}")
+    worst = min(results, key=lambda w: results[w]["object_acc"])
+    lines.append(f"lowest object_acc: {worst} {results[worst]['object_acc']:.3f}")
     return "\n".join(lines)
 
 
@@ -338,10 +365,10 @@ def main(argv=None):
                         help="checkpoint directory to write (or read with --check)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and training data")
     parser.add_argument("--steps", type=int, default=1000, help="generator (LLM) training steps")
-    parser.add_argument("--decoder-steps", type=int, default=200, help="VQ decoder training steps")
+    parser.add_argument("--decoder-steps", type=int, default=400, help="VQ decoder training steps")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--check", action="store_true", help="only print the base-quality table of --out")
-    parser.add_argument("--samples", type=int, default=32, help="at least this many quality samples per object")
+    parser.add_argument("--samples", type=int, default=128, help="at least this many quality samples per word")
     parser.add_argument("--grid", default=None, help="also write a PNG of decoded samples per object to this path")
     args = parser.parse_args(argv)
     if args.check:
