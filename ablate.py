@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import attack
 import sample
 import spm_janus as spm
 import toy_janus as toy
@@ -42,12 +43,25 @@ SETTINGS = [
     ("KL/Attn, scope prompt + prompt anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "prompt",
                                                   *ANCHOR_FLAGS]),
     ("default", ["--loss", "kl", "--layers", "attn", *ANCHOR_FLAGS]),
+    # the robustness levers, each on top of the previous default (scope prompt, anchors)
+    ("lever: augment", ["--augment", "1", *ANCHOR_FLAGS]),
+    ("lever: eta 0", ["--eta", "0", *ANCHOR_FLAGS]),
+    ("lever: augment, eta 0", ["--augment", "1", "--eta", "0", *ANCHOR_FLAGS]),
+    ("lever: augment, adversarial soft", ["--augment", "1", "--adversarial", "soft", *ANCHOR_FLAGS]),
+    ("lever: augment, eta 0, adversarial soft", ["--augment", "1", "--eta", "0", "--adversarial", "soft",
+                                                 *ANCHOR_FLAGS]),
+    ("lever: augment, eta 0.5, rollout target", ["--augment", "1", "--eta", "0.5", "--rollout", "target",
+                                                 *ANCHOR_FLAGS]),
+    ("lever: scope image, augment, eta 0, adversarial soft", ["--scope", "image", "--augment", "1", "--eta", "0",
+                                                              "--adversarial", "soft", *ANCHOR_FLAGS]),
 ]
 # (column, summary key, scale, digits): every figure of sample.py's summary that ranks a setting
 COLUMNS = [("mouse, trained %", "trained_rate", 100, 1), ("mouse, held-out %", "held_out_rate", 100, 1),
            ("mouse, synonyms %", "synonyms_rate", 100, 1), ("anchored kept %", "anchored_kept", 100, 1),
            ("non-anchored kept %", "non_anchored_kept", 100, 1), ("coherence %", "coherence", 100, 1),
-           ("H", "H", 1, 3), ("understanding KL, image / text", "understanding", 1, 3), ("train s", "seconds", 1, 0)]
+           ("H", "H", 1, 3), ("discrete attack ASR % (mean over tried)", "discrete", 100, 1),
+           ("soft attack ASR %", "soft_asr", 100, 1), ("understanding KL, image / text", "understanding", 1, 3),
+           ("train s", "seconds", 1, 0)]
 
 
 def flat_figures(summary):
@@ -67,12 +81,14 @@ def cell(rows, key, scale=100.0, digits=1):
     return f"{statistics.mean(values):.{digits}f}{spread}"
 
 
-def table(base, results, args, num_prompts):
+def table(base, base_asr, results, args, num_prompts):
     lines = [f"Base model: mouse {100 * base['base_trained_rate']:.1f}% (trained templates) / "
              f"{100 * base['base_held_out_rate']:.1f}% (held-out) / {100 * base['base_synonyms_rate']:.1f}% "
              f"(synonyms); anchored objects {100 * base['anchored']['base']:.1f}%, non-anchored "
              f"{100 * base['non_anchored']['base']:.1f}% drawn right. {args.n} samples per prompt, {num_prompts} "
-             f"prompts, {args.seeds} training seed(s) per setting (mean ± std over seeds).", "",
+             f"prompts, {args.seeds} training seed(s) per setting (mean ± std over seeds). Attacks: "
+             + (", ".join(f"{name} ASR {100 * asr:.1f}% on the base model" for name, asr in base_asr.items())
+                or "not run") + f" ({args.n} fresh samples per final prompt).", "",
              "| setting | " + " | ".join(c for c, *_ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for r in results:
         rows = r["seeds"]
@@ -80,6 +96,8 @@ def table(base, results, args, num_prompts):
         for _, key, scale, digits in COLUMNS:
             if key == "understanding":
                 cells.append(f"{cell(rows, 'understanding_kl_image', 1, 3)} / {cell(rows, 'understanding_kl_text', 1, 3)}")
+            elif key == "discrete":
+                cells.append(f"{cell(rows, 'discrete_asr')} ({cell(rows, 'discrete_mean')})")
             else:
                 cells.append(cell(rows, key, scale, digits))
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
@@ -95,6 +113,9 @@ def main():
     parser.add_argument("--only", action="append", default=None, help="run only settings whose name contains this")
     parser.add_argument("--out", default="runs/ablation", help="prefix of the .md, .json and .png outputs")
     parser.add_argument("--runs", default="runs/ablation", help="directory for the runs' checkpoints")
+    parser.add_argument("--attack", action="append", default=None, choices=["discrete", "soft", "none"],
+                        help="attack.py attacks run on every run, at attack.py's default budgets (default: discrete "
+                             "and soft; none = no attacks)")
     args = parser.parse_args()
     for flag, value in (("--seeds", args.seeds), ("--n", args.n)):
         if value < 1:
@@ -115,6 +136,18 @@ def main():
     base_codes = draw(False, [p.prompt for p in prompts])
     base = sample.summarize(sample.judge_records(lambda *_: base_codes, prompts, judge, args.n), ["mouse"], ANCHORS,
                             toy.OBJECTS, set(spm.DEFAULT_TEMPLATES), synonyms)["mouse"]
+    attacks = [a for a in (args.attack or ["discrete", "soft"]) if a != "none"]
+    attack_args = attack.build_parser().parse_args(["--ckpt", "-", "--n", str(args.n), "--out", f"{args.runs}/soft"])
+    target = attack.Target(model, tokenizer, judge, "mouse", cfg, temperature, args.n, seed=0)
+    templates = attack.toy_templates()
+    references = attack.concept_references(target, "mouse", templates, attack_args.references)
+
+    def attacked(tag):
+        """{name: the attack's record} against the model as it is now."""
+        return {name: attack.run_attack(name, target, references, ["mouse"], [], templates, attack_args, tag)[0]
+                for name in attacks}
+
+    base_asr = {name: found["asr"] for name, found in attacked("base").items()}
     figure_prompts = ["a mouse", "a rodent", "a cat", "a dog"]
     step0 = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
     figure_rows, results = [], []
@@ -137,24 +170,30 @@ def main():
             drift_image = spm.understanding_drift(model, tokenizer, membranes, ["is there a mouse ?"] * len(pictures),
                                                   pictures)
             drift_text = spm.understanding_drift(model, tokenizer, membranes, [p.prompt for p in prompts[::4]])
+            found = attacked(out.name)
+            attack_figures = {"discrete_asr": found.get("discrete", {}).get("asr"),
+                              "discrete_mean": found.get("discrete", {}).get("mean_rate"),
+                              "soft_asr": found.get("soft", {}).get("asr"),
+                              "discrete_prompt": found.get("discrete", {}).get("prompt")}
             if seed == 0:
                 last = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
                 figure_rows.append((name, last))
             membranes.detach()
-            per_seed.append({**flat_figures(summary), "seconds": seconds, "understanding_kl_image": drift_image["kl"],
+            per_seed.append({**flat_figures(summary), **attack_figures, "seconds": seconds, "understanding_kl_image": drift_image["kl"],
                              "understanding_kl_text": drift_text["kl"], "summary": summary})
             print(f"{name} seed {seed}: mouse {summary['trained_rate']:.1%} trained / {summary['held_out_rate']:.1%} "
                   f"held-out / {summary['synonyms_rate']:.1%} synonyms; kept {summary['anchored']['erased']:.1%} "
                   f"anchored, {summary['non_anchored']['erased']:.1%} non-anchored; coherence "
-                  f"{summary['coherence']:.1%}; H {summary['H']:.3f}; {seconds:.0f} s", flush=True)
+                  f"{summary['coherence']:.1%}; H {summary['H']:.3f}; attacks "
+                  f"{ {k: v for k, v in attack_figures.items() if v is not None} }; {seconds:.0f} s", flush=True)
         results.append({"setting": name, "flags": flags, "seeds": per_seed})
 
-    lines = table(base, results, args, len(prompts))
+    lines = table(base, base_asr, results, args, len(prompts))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{out}.json").write_text(json.dumps({"base": base, "results": results, "n": args.n, "seeds": args.seeds},
-                                              indent=1))
+    Path(f"{out}.json").write_text(json.dumps({"base": base, "base_asr": base_asr, "results": results, "n": args.n,
+                                               "seeds": args.seeds}, indent=1))
     # one row per setting, labelled in full at the left: column labels of a setting each would overlap
     rows = [spm.decode_images(model, step0)] + [spm.decode_images(model, codes) for _, codes in figure_rows]
     labels = ["base model (step 0)"] + [name for name, _ in figure_rows]

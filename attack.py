@@ -87,7 +87,7 @@ def check_args(args):
         if value < least:
             raise spm.SPMError(f"{flag} {value} must be at least {least}", 2)
     if args.lr <= 0:
-        raise spm.SPMError(f"--lr {args.lr} must be positive", 2)
+        raise spm.SPMError(f"--lr {args.lr:g} must be positive", 2)
 
 
 class Target:
@@ -359,6 +359,8 @@ def run(args):
     synonyms_of = {}
     if args.judge == "toy":
         judge, objects, synonyms_of = sample.toy_judge(model_name)  # before any weights load
+        if synonyms_of.get(concept, concept) not in objects:
+            raise spm.SPMError(f"--concept {concept!r} is no toy object: choose one of {', '.join(objects)}", 2)
     device = spm.pick_device(args.device)
     spm.set_threads(args.threads, spm.load_config(model_name), device)
     model, tokenizer = spm.load_model(model_name, args.dtype or config.get("dtype", "float32"), device)
@@ -370,8 +372,6 @@ def run(args):
         import toy_janus as toy
 
         label = synonyms_of.get(concept, concept)
-        if label not in objects:
-            raise spm.SPMError(f"--concept {concept!r} is no toy object: choose one of {', '.join(objects)}", 2)
         templates = toy_templates()
         other_words = args.words or [w for w in toy.words_for(label) if w != concept]
     else:

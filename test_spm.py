@@ -960,3 +960,132 @@ def test_bench_quick_runs(tmp_path):
     assert report["loss_max_abs_diff"] < 1e-5
     assert report["stepwise_over_one_pass"] > 0 and "membrane_sampling_overhead_attn" in report
     assert report["merged_tokens_identical"] is True
+
+
+# -----------------------------------------------------------------------------
+# Robust erasure: augmentation, target rollouts, adversarial soft prompts; attack.py
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_augment_template_keeps_one_slot_and_repeats(seed):
+    words = ["red", "photo", "of", ","]
+    edited = spm.augment_template("a photo of a {}", words, torch.Generator().manual_seed(seed))
+    again = spm.augment_template("a photo of a {}", words, torch.Generator().manual_seed(seed))
+    assert edited == again and edited.count("{}") == 1 and edited.count("{") == 1
+    assert set(edited.split()) <= {"a", "photo", "of", "{}", "red", ",", ".", "!", "?", ":"}
+
+
+def test_augment_edits_training_prompts_and_zero_keeps_the_templates():
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer)
+    plain = spm.Trainer(model, tokenizer, membranes, train_args(augment=0.0))._pick(["mouse"], "concept")
+    assert all(t in spm.DEFAULT_TEMPLATES for _, t in plain)
+    edited = spm.Trainer(model, tokenizer, membranes, train_args(augment=1.0))._pick(["mouse"], "concept")
+    assert all(t not in spm.DEFAULT_TEMPLATES or t == "{}" for _, t in edited) and edited != plain
+
+
+def test_rollout_target_samples_the_negatively_guided_teacher():
+    """--rollout target draws the concept rows from the teacher at CFG -cfg * eta: the target's own distribution."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    randomise(membranes)
+    args = train_args(rollout="target", eta=0.5, anchor="none", batch_size=2, steps=1)
+    trainer = spm.Trainer(model, tokenizer, membranes, args)
+    picks = trainer._pick(args.concept, "concept")
+    trainer.step()
+    input_ids, mask = spm.encode_prompts(tokenizer, [t.format(c) for c, t in picks])
+    embed = model.get_input_embeddings()
+    uniforms = spm.rollout_uniforms(args.seed, 0, 0, 2, model.config.vision_config.num_image_tokens)
+    with membranes.disabled():
+        expected = spm.sample_codes(model, embed(input_ids), embed(spm.unconditional_ids(input_ids, tokenizer)), mask,
+                                    -args.cfg * args.eta, args.temperature, uniforms)
+    assert torch.equal(trainer._rollout[1][0], expected)
+
+
+def soft_likelihood(model, tokenizer, soft, codes):
+    cond, uncond, mask = spm.soft_prompt_inputs(model, tokenizer, soft)
+    r = codes.shape[0]
+    with torch.no_grad():
+        return spm.cfg_log_likelihood(model, cond.expand(r, -1, -1), uncond.expand(r, -1, -1), mask.expand(r, -1),
+                                      codes, 5.0, 1.0).mean().item()
+
+
+def test_soft_prompt_attack_raises_the_likelihood_and_leaves_the_model_alone():
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    randomise(membranes)
+    codes = codes_for(model, tokenizer)
+    init = model.get_input_embeddings().weight[:4].clone()
+    before = soft_likelihood(model, tokenizer, init, codes)
+    weights = [p.clone() for p in membranes.parameters()]
+    soft, final = spm.optimise_soft_prompt(model, tokenizer, codes, tokens=4, steps=15, lr=0.05, cfg=5.0,
+                                           temperature=1.0, init=init)
+    assert final > before + 0.01 and final == pytest.approx(soft_likelihood(model, tokenizer, soft, codes), abs=1e-5)
+    assert all(torch.equal(a, b) and b.grad is None for a, b in zip(weights, membranes.parameters()))
+    # the soft prompt sits where the text does: the prompt scope's gate covers it, the image scope's does not
+    cond, _, mask = spm.soft_prompt_inputs(model, tokenizer, soft)
+    model.model.language_model(inputs_embeds=cond, attention_mask=mask)
+    assert membranes.state.gate[0, :, 0].tolist() == [1.0] * (cond.shape[1] - 1) + [0.0]
+
+
+def test_adversarial_soft_training_attacks_every_k_steps_and_resumes(tmp_path):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    args = train_args(adversarial="soft", adversarial_every=2, adversarial_steps=2, anchor="none", batch_size=1)
+    trainer = spm.Trainer(model, tokenizer, membranes, args)
+    seen = []
+    for _ in range(3):
+        trainer.step()
+        seen.append(trainer.soft["mouse"].clone())
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])  # attacked at steps 0 and 2
+    state = trainer.state_dict()
+    resumed = spm.Trainer(model, tokenizer, membranes, args)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.soft["mouse"], seen[2])
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory):
+    """A few default steps on the toy: membranes that barely erase anything."""
+    out = tmp_path_factory.mktemp("toyrun")
+    spm.train(spm.build_parser().parse_args(["--model", "toy", "--concept", "mouse", "--steps", "2", "--out", str(out),
+                                             "--sample-every", "0", "--anchor", "none"]))
+    return out / spm.CHECKPOINT_NAME
+
+
+def test_attack_json_round_trip_and_soft_prompt_replay(toy_checkpoint, tmp_path):
+    import attack
+    from safetensors.torch import load_file
+    results = attack.run(attack.build_parser().parse_args([
+        "--ckpt", str(toy_checkpoint), "--n", "4", "--candidates", "24", "--rounds", "2", "--top", "2", "--steps", "3",
+        "--restarts", "1", "--references", "4", "--json", str(tmp_path / "a.json"), "--out", str(tmp_path)]))
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert [a["name"] for a in saved["attacks"]] == ["discrete", "soft", "synonyms"] and saved["attacks"] == results
+    for a in saved["attacks"]:
+        assert set(a) >= {"name", "asr", "base_asr", "samples", "worst", "seconds"} and 0 <= a["asr"] <= 1
+        assert all(set(w) == {"prompt", "rate"} for w in a["worst"])
+    soft = saved["attacks"][1]
+    assert load_file(soft["soft_prompt"])["soft_prompt"].shape == (4, 64)
+    assert saved["attacks"][2]["samples"] == 4 * 2 * 9  # 2 synonyms x 9 templates
+
+
+def test_discrete_attack_finds_the_concept_through_the_base_model(toy_checkpoint):
+    import attack
+    import sample
+    model, tokenizer = toy_model()
+    judge, _, _ = sample.toy_judge("toy")
+    args = attack.build_parser().parse_args(["--ckpt", "-", "--n", "16", "--candidates", "32", "--rounds", "2"])
+    target = attack.Target(model, tokenizer, judge, "mouse", 2.0, 0.5, 16, seed=1)
+    templates = attack.toy_templates()
+    references = attack.concept_references(target, "mouse", templates, 8)
+    found, _ = attack.run_attack("discrete", target, references, ["mouse"], [], templates, args, "base")
+    assert found["asr"] >= 0.9 and "mouse" in found["prompt"].split()
+
+
+@pytest.mark.parametrize("argv,needle", [(["--n", "0"], "--n 0 must be at least 1"),
+                                         (["--concept", "unicorn"], "no toy object"),
+                                         (["--lr", "0"], "--lr 0 must be positive")])
+def test_attack_bad_input_is_one_line(toy_checkpoint, argv, needle):
+    result = run_cli("attack.py", "--ckpt", str(toy_checkpoint), *argv)
+    assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+        result.stderr
