@@ -54,6 +54,12 @@ SETTINGS = [
                                                  *ANCHOR_FLAGS]),
     ("lever: scope image, augment, eta 0, adversarial soft", ["--scope", "image", "--augment", "1", "--eta", "0",
                                                               "--adversarial", "soft", *ANCHOR_FLAGS]),
+    ("lever: scope image, augment", ["--scope", "image", "--augment", "1", *ANCHOR_FLAGS]),
+    ("lever: scope image, augment, adversarial soft", ["--scope", "image", "--augment", "1", "--adversarial", "soft",
+                                                       *ANCHOR_FLAGS]),
+    ("lever: scope all, augment, adversarial soft", ["--scope", "all", "--augment", "1", "--adversarial", "soft",
+                                                     *ANCHOR_FLAGS]),
+    ("lever: layer 1 only, augment", ["--attn-layer-ids", "1", "--augment", "1", *ANCHOR_FLAGS]),
 ]
 # (column, summary key, scale, digits): every figure of sample.py's summary that ranks a setting
 COLUMNS = [("mouse, trained %", "trained_rate", 100, 1), ("mouse, held-out %", "held_out_rate", 100, 1),

@@ -538,7 +538,8 @@ def rollout_uniforms(seed, step, first_index, count, num_tokens, device="cpu"):
 
 @torch.no_grad()
 def sample_codes(model, prompt_embeds, uncond_embeds, attention_mask, cfg, temperature, uniforms=None):
-    """Sample image codes [B, N] with CFG and a KV cache. uniforms [B, N] in [0,1) (None = greedy)."""
+    """Sample image codes [B, N] with CFG and a KV cache. cfg: a float or one scale per row [B, 1]; uniforms [B, N]
+    in [0,1) (None = greedy)."""
     from transformers import DynamicCache
 
     language_model, head = model.model.language_model, model.model.generation_head
@@ -1047,14 +1048,12 @@ class Trainer:
             if "anchor" in rows:
                 uniforms = torch.cat([uniforms, rollout_uniforms(args.seed, self.rollout_step, self.first_index + 10 ** 9,
                                                                  B, self.num_tokens, self.device)])
+            cfg = torch.full((len(index), 1), args.cfg, device=self.device)
+            if args.rollout == "target":  # the concept rows from the target itself: the teacher at CFG -cfg * eta
+                cfg[:B] = -args.cfg * args.eta
             with self.membranes.switched(args.rollout == "student"):
-                codes = sample_codes(self.model, cond[index], uncond[index], mask[index], args.cfg, args.temperature,
-                                     uniforms).split(B)
-                if args.rollout == "target":  # the concept rows drawn from the target itself: CFG -cfg * eta
-                    concept = rows["concept"]
-                    codes = (sample_codes(self.model, cond[concept], uncond[concept], mask[concept],
-                                          -args.cfg * args.eta, args.temperature, uniforms[:B]),) + codes[1:]
-            self._rollout = (self.rollout_step, codes)
+                self._rollout = (self.rollout_step, sample_codes(self.model, cond[index], uncond[index], mask[index],
+                                                                 cfg, args.temperature, uniforms).split(B))
         codes = self._rollout[1]
         rollout_codes = {"concept": codes[0], "surrogate": codes[0], "anchor": codes[-1]}
         rollout_seconds = time.time() - started
