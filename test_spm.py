@@ -1,5 +1,7 @@
 """Tests on tiny random Janus models built in-process: exact equalities, no downloads."""
+import contextlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +117,25 @@ def test_multiplier_scales_the_delta_not_the_factors():
         assert torch.equal(module(x), base)
     torch.testing.assert_close(quarter, 0.25 * full, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(factors[k], v) for k, v in membranes.state_dict().items())
+
+
+@pytest.mark.parametrize("raise_inside", [False, True])
+def test_strength_restores_the_previous_multiplier(raise_inside):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="all")
+    randomise(membranes)
+    module = membranes.modules[membranes.names[0]]
+    x = torch.randn(2, 3, module.base.in_features, generator=torch.Generator().manual_seed(0))
+    membranes.state.multiplier = 0.5  # restored to what it was, not to a default of 1
+    half = module(x)
+    with membranes.strength(0.0):
+        with pytest.raises(RuntimeError) if raise_inside else contextlib.nullcontext():
+            with membranes.strength(2.0):
+                assert not torch.equal(module(x), half)
+                if raise_inside:
+                    raise RuntimeError("boom")
+        assert membranes.state.multiplier == 0.0 and torch.equal(module(x), module.base(x))
+    assert membranes.state.multiplier == 0.5 and torch.equal(module(x), half)
 
 
 # -----------------------------------------------------------------------------
