@@ -310,6 +310,24 @@ def test_anchoring_adds_a_loss_term(anchor):
     assert second["anchor"] > 0.0
 
 
+def test_every_sample_of_a_batch_has_its_own_randomness():
+    """Seeds come from (seed, step, global sample index): two samples of one batch draw differently, and a sample
+    draws the same whichever batch or process it lands in."""
+    uniforms = spm.rollout_uniforms(0, 3, 0, 4, 64)
+    assert all(not torch.equal(uniforms[i], uniforms[j]) for i in range(4) for j in range(i))
+    assert torch.equal(spm.rollout_uniforms(0, 3, 2, 2, 64), uniforms[2:])
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    args = train_args(batch_size=4, concept=list(spm.COMMON_CONCEPTS))
+    whole, second_half = spm.Trainer(model, tokenizer, membranes, args), \
+        spm.Trainer(model, tokenizer, membranes, train_args(batch_size=2, concept=args.concept), first_index=2)
+    picks = whole._pick(args.concept, "concept")
+    assert len(set(picks)) > 1, picks  # one pick for all would be the sample index left out of the seed
+    assert second_half._pick(args.concept, "concept") == picks[2:]
+    draws = [torch.rand(8, generator=whole._generator(i, "latent")) for i in range(2)]
+    assert not torch.equal(*draws)
+
+
 def test_latent_anchor_embeddings_are_norm_matched():
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, 5, 64)
