@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -991,16 +990,13 @@ class Trainer:
 
     def state_dict(self):
         return {"membranes": self.membranes.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step_count,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+                "scheduler": self.scheduler.state_dict(), "step": self.step_count}
 
     def load_state_dict(self, state):
         self.membranes.load_state_dict(state["membranes"], source=STATE_NAME)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step_count = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        self.step_count = int(state["step"])  # no global RNG state: every draw comes from a seeded generator
 
 
 @torch.no_grad()
