@@ -580,6 +580,12 @@ def cfg_combine(cond, uncond, scale):
     return uncond + scale * (cond - uncond)
 
 
+def erasure_target(concept_logits, surrogate_logits, eta):
+    """SPM's target for the concept prompt: t = l(surrogate) - eta * (l(concept) - l(surrogate)), on teacher logits.
+    eta 0 maps the concept onto the surrogate; a larger eta pushes further away from the concept."""
+    return surrogate_logits - eta * (concept_logits - surrogate_logits)
+
+
 def divergence(student, target, loss="kl", direction="forward"):
     """Mean over rows and image steps of KL(target||student) (forward), KL(student||target) (reverse), or MSE."""
     if loss == "mse":
@@ -950,8 +956,7 @@ class Trainer:
         student = forward([g + s for g in groups for s in suffixes])
 
         # (c) the erasure target t = l(surrogate) - eta * (l(concept) - l(surrogate)), and the loss
-        teacher_concept, teacher_surrogate = self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate")
-        target = teacher_surrogate - args.eta * (teacher_concept - teacher_surrogate)
+        target = erasure_target(self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate"), args.eta)
         erase = divergence(self._distribution(student, "concept"), target, args.loss, args.kl_direction)
         anchor_loss = torch.zeros((), device=erase.device)
         if "anchor" in rows:

@@ -342,15 +342,80 @@ def test_latent_anchor_embeddings_are_norm_matched():
                 assert torch.equal(anchors[r, c], embeds[r, c])
 
 
-def test_target_with_eta_zero_and_empty_surrogate_is_the_unconditional_logits():
-    """t = l(sur) - eta (l(con) - l(sur)); the empty surrogate is the all-pad prompt of the concept's length."""
+# Two rows of two-token distributions, as logits shifted by a different constant each (softmax must ignore it).
+P_STUDENT, P_TARGET = [[0.5, 0.5], [0.8, 0.2]], [[0.25, 0.75], [0.5, 0.5]]
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2), (2, 1, 2)])  # the mean runs over rows and image steps alike
+@pytest.mark.parametrize("loss,direction,expected", [
+    ("kl", "forward", (kl(P_TARGET[0], P_STUDENT[0]) + kl(P_TARGET[1], P_STUDENT[1])) / 2),  # KL(target || student)
+    ("kl", "reverse", (kl(P_STUDENT[0], P_TARGET[0]) + kl(P_STUDENT[1], P_TARGET[1])) / 2),  # KL(student || target)
+    ("mse", "forward", ((3 - 1) ** 2 + (1 - 2) ** 2 + (0 - 4) ** 2 + (2 + 1) ** 2) / 4),
+])
+def test_divergence_against_hand_computed_values(shape, loss, direction, expected):
+    if loss == "mse":  # on the raw logits: a shift counts
+        student, target = torch.tensor([[3.0, 1.0], [0.0, 2.0]]), torch.tensor([[1.0, 2.0], [4.0, -1.0]])
+    else:
+        student = torch.tensor(P_STUDENT).log() + torch.tensor([[3.0], [-1.0]])
+        target = torch.tensor(P_TARGET).log() + torch.tensor([[-2.0], [0.5]])
+    got = spm.divergence(student.view(shape), target.view(shape), loss, direction)
+    assert got.shape == () and math.isclose(got.item(), expected, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("eta,expected", [(0.0, [0.5, -1.0, 0.0]), (1.0, [0.0, -4.0, -1.0]), (2.0, [-0.5, -7.0, -2.0])])
+def test_erasure_target_by_hand(eta, expected):
+    """t = s - eta (c - s), for concept logits c and surrogate logits s."""
+    concept, surrogate = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([0.5, -1.0, 0.0])
+    assert torch.equal(spm.erasure_target(concept, surrogate, eta), torch.tensor(expected))
+
+
+def trainer_target(eta, surrogate):
+    """(the target the trainer's first step trains towards, teacher concept logits, teacher surrogate logits), the
+    latter two computed here from the step's picks and rollout with the membranes off."""
     model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all")
+    randomise(membranes)  # the student differs from the teacher: a target taken from the student would show
+    trainer = spm.Trainer(model, tokenizer, membranes, train_args(eta=eta, surrogate=surrogate, anchor="none",
+                                                                  batch_size=2))
+    picks = trainer._pick(trainer.args.concept, "concept")
+    targets, divergence = [], spm.divergence
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spm, "divergence", lambda student, target, *a: targets.append(target) or divergence(student, target, *a))
+        trainer.step()
+    # the rows the trainer tokenises together: concept prompts, then the surrogate in the same templates
+    prompts = [t.format(c) for c, t in picks] + [t.format(surrogate) for _, t in picks if surrogate]
+    input_ids, mask = spm.encode_prompts(tokenizer, prompts)
+    surrogate_rows = (input_ids[2:], mask[2:]) if surrogate else (spm.unconditional_ids(input_ids, tokenizer), mask)
+    embed, codes = model.get_input_embeddings(), trainer._rollout[1][0]
+    with torch.no_grad(), membranes.disabled():
+        concept = spm.image_logits(model, embed(input_ids[:2]), mask[:2], codes)
+        surrogate_logits = spm.image_logits(model, embed(surrogate_rows[0]), surrogate_rows[1], codes)
+    return targets[0], concept, surrogate_logits
+
+
+def test_target_with_eta_zero_and_empty_surrogate_is_the_unconditional_logits():
+    """The empty surrogate is the all-pad prompt of the concept prompt's length, as CFG's unconditional prompt."""
+    target, concept, unconditional = trainer_target(0.0, "")
+    assert not torch.allclose(concept, unconditional, atol=1e-3)
+    torch.testing.assert_close(target, unconditional, rtol=0, atol=1e-6)
+    _, tokenizer = tiny()
     input_ids, _ = spm.encode_prompts(tokenizer, ["a photo of a mouse"])
     uncond = spm.unconditional_ids(input_ids, tokenizer)
     ids = spm.special_ids(tokenizer)
     assert uncond.shape == input_ids.shape
     assert uncond[0, 0] == ids["bos"] and uncond[0, -1] == ids["boi"]
     assert (uncond[0, 1:-1] == ids["pad"]).all()
+
+
+@pytest.mark.parametrize("surrogate", ["", "real mouse"])
+@pytest.mark.parametrize("eta", [0.0, 1.0, 2.0])
+def test_the_trainer_trains_towards_the_erasure_target(eta, surrogate):
+    target, concept, surrogate_logits = trainer_target(eta, surrogate)
+    torch.testing.assert_close(target, surrogate_logits - eta * (concept - surrogate_logits), rtol=0, atol=1e-6)
 
 
 # -----------------------------------------------------------------------------
