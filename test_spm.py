@@ -202,6 +202,22 @@ def text_only_logits(model, tokenizer):
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
+def membrane_deltas(membranes, run):
+    """{module: [B, L] delta of each membrane at each position} over the forward passes of run()."""
+    seen = {}
+
+    def record(module, args, output):
+        seen.setdefault(module.base, []).append(output - module.base(args[0]))
+
+    hooks = [m.register_forward_hook(record) for m in membranes.modules.values()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 @pytest.mark.parametrize("scope,prompt_changes,image_changes", [("image", False, True), ("prompt", True, True),
                                                                 ("all", True, True)])
 def test_scope(scope, prompt_changes, image_changes):
@@ -217,6 +233,19 @@ def test_scope(scope, prompt_changes, image_changes):
     assert torch.equal(torch.as_tensor(text_only_logits(model, tokenizer)), base_text) != prompt_changes
     assert torch.equal(image_hidden, base_image) != image_changes
 
+    # Position by position, against a hand-built gate: generation starts AT <begin_of_image>, which predicts the
+    # first image token. A gate one position off passes the checks above and native generate, which shares it.
+    randomise(membranes)  # scope prompt leaves the last layer's q, o and MLP up factors at zero: no gradient
+    input_ids, mask = spm.encode_prompts(tokenizer, PROMPTS)
+    T, N = mask.shape[1], codes.shape[1]
+    assert (input_ids[:, T - 1] == spm.special_ids(tokenizer)["boi"]).all()
+    generation = torch.tensor([False] * (T - 1) + [True] * N)  # [T + N - 1]: the prompt, then <boi> and the image
+    expected = {"image": generation, "prompt": ~generation, "all": torch.ones_like(generation)}[scope]
+    deltas = membrane_deltas(membranes, lambda: prompt_and_image_hidden(model, tokenizer, codes))
+    assert len(deltas) == len(membranes.names)
+    for (delta,) in deltas.values():
+        assert torch.equal(delta.ne(0).any(-1), expected.expand(len(PROMPTS), -1))
+
 
 def test_prompt_scope_leaves_image_positions_untouched():
     """With scope prompt the membranes never act at image positions: with the prompt's keys and values held
@@ -225,15 +254,7 @@ def test_prompt_scope_leaves_image_positions_untouched():
     codes = codes_for(model, tokenizer)
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="prompt")
     randomise(membranes)
-    seen = {}
-
-    def record(module, args, output):
-        seen.setdefault(module.base, []).append(output - module.base(args[0]))
-
-    hooks = [m.register_forward_hook(record) for m in membranes.modules.values()]
-    prompt_and_image_hidden(model, tokenizer, codes)
-    for h in hooks:
-        h.remove()
+    seen = membrane_deltas(membranes, lambda: prompt_and_image_hidden(model, tokenizer, codes))
     T = spm.encode_prompts(tokenizer, PROMPTS)[1].shape[1]
     for deltas in seen.values():
         delta = deltas[0]
