@@ -516,7 +516,7 @@ def run_cli(*argv, cwd=HERE):
 def test_cli_train_then_sample_compare(tmp_path):
     out = tmp_path / "run"
     result = run_cli("spm_janus.py", "--model", "tiny", "--concept", "mouse", "--layers", "attn", "--loss", "kl",
-                     "--steps", "4", "--batch-size", "2", "--sample-every", "2", "--out", str(out))
+                     "--steps", "4", "--batch-size", "2", "--lr", "0.05", "--sample-every", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     from safetensors import safe_open
     with safe_open(str(out / "membranes.safetensors"), framework="pt") as f:
@@ -526,12 +526,32 @@ def test_cli_train_then_sample_compare(tmp_path):
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == \
         ["step_000000.png", "step_000002.png", "step_000004.png"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
-    result = run_cli("sample.py", "--ckpt", str(out / "membranes.safetensors"), "--prompt", "a mouse", "--compare",
-                     "--n", "2", "--out", str(tmp_path / "cmp"))
-    assert result.returncode == 0, result.stderr
+    import sample
+    n = 2
+    for strength in ("1", "0"):  # in-process, to spare a Python start each; sample.py's command line runs below
+        sample.main(["--ckpt", str(out / "membranes.safetensors"), "--prompt", "a mouse", "--prompt", "a cat",
+                     "--compare", "--n", str(n), "--strength", strength, "--out", str(tmp_path / strength)])
+        mouse, cat = compare_cells(tmp_path / strength / "compare.png", rows=2, columns=2 * n)
+        for seed in range(n):  # columns: base seed 0 .. n-1, then erased seed 0 .. n-1
+            if strength == "1":
+                assert not torch.equal(mouse[seed], mouse[n + seed]), seed
+            else:  # the same seeds through the base model
+                assert torch.equal(mouse[seed], mouse[n + seed]) and torch.equal(cat[seed], cat[n + seed]), seed
+
+
+def compare_cells(path, rows, columns):
+    """The picture cells of a grid written by spm.image_grid with column labels, [rows][columns] of uint8 tensors."""
+    import numpy as np
     from PIL import Image
-    image = Image.open(tmp_path / "cmp" / "compare.png")
-    assert image.width > image.height  # one prompt row, base and erased columns
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+    label_width, header, cell = 170, 14, 128
+    assert pixels.shape[:2] == (header + rows * (cell + 2), label_width + columns * (cell + 2))
+
+    def at(r, c):
+        y, x = header + r * (cell + 2), label_width + c * (cell + 2)
+        return pixels[y:y + cell, x:x + cell]
+
+    return [[at(r, c) for c in range(columns)] for r in range(rows)]
 
 
 def test_sample_without_checkpoint_on_tiny(tmp_path):
