@@ -505,6 +505,25 @@ def test_checkpoint_for_another_model_is_rejected(tmp_path):
         spm.load_membranes(path, deeper, tokenizer)
 
 
+@pytest.mark.parametrize("change,key", [({"codebook": 128}, "codebook_size"), ({"grid": 4}, "num_image_tokens")])
+def test_checkpoint_for_a_model_of_the_same_linears_is_rejected_by_its_signature(tmp_path, change, key):
+    """Another image vocabulary or image size leaves every wrapped Linear's shape as it is: only the model
+    signature in the metadata tells the models apart."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="image")
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, vars(train_args()), step=1)
+    from transformers import JanusForConditionalGeneration
+    config = spm.janus_config(len(tokenizer), image_token_id=model.config.image_token_id, **change)
+    other = JanusForConditionalGeneration(config).eval()
+    twin = spm.attach_membranes(other, tokenizer, layers="attn+mlp", scope="image")
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in membranes.state_dict().items()}
+    twin.detach()
+    with pytest.raises(spm.SPMError, match="made for another model") as error:
+        spm.load_membranes(tmp_path / "m.safetensors", other, tokenizer)
+    assert key in str(error.value) and "\n" not in str(error.value)
+    assert not any(isinstance(m, spm.MembraneLinear) for m in other.modules())
+
+
 # -----------------------------------------------------------------------------
 # Command line, end to end
 
