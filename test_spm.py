@@ -970,7 +970,11 @@ def test_sample_with_two_checkpoints_and_transport(tmp_path):
     assert strengths[0].startswith("'a red mouse': strength mouse 1.000")
     mouse_strength = float(strengths[1].split("mouse ")[1].split(",")[0])
     assert mouse_strength < 1.0
-    assert "KL 0, top-1 agreement 1.000" in result.stdout
+    understanding = [line for line in result.stdout.splitlines() if line.startswith("understanding, ")]
+    assert sorted(line.split(" (scope")[0] for line in understanding) == \
+        [f"understanding, {kind}, {concept}" for kind in ("image+question", "text only") for concept in ("cat", "mouse")]
+    for line in understanding:  # every membrane set on every input kind, not just one of the four
+        assert line.endswith(" (scope image): KL 0, top-1 agreement 1.000, max |logit diff| 0"), line
 
 
 def tiny_clip(tokenizer):
