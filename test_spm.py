@@ -778,8 +778,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
 
 
 def test_random_flag_combinations_end_cleanly(tmp_path):
-    """Every combination of flags ends in a clean run or in a one-line error, never in a traceback."""
-    import contextlib
+    """Every combination of flags ends in a clean run that saved its checkpoint, or in a one-line error, never in a
+    traceback."""
     import io
     from hypothesis import given, settings, strategies as st
 
@@ -801,13 +801,14 @@ def test_random_flag_combinations_end_cleanly(tmp_path):
         "--eta": st.floats(-1, 3),
         "--concept": st.sampled_from(["mouse", "cat", "", "real mouse"]),
     }
-    runs = iter(range(10 ** 6))
+    runs, codes = iter(range(10 ** 6)), set()
 
     @settings(max_examples=25, deadline=None, derandomize=True)
     @given(st.fixed_dictionaries({}, optional=flag_values))
     def check(flags):
+        out = tmp_path / str(next(runs))
         argv = ["--model", "tiny", "--batch-size", "1", "--steps", "1", "--sample-every", "0",
-                "--out", str(tmp_path / str(next(runs)))]  # flags drawn below override these
+                "--out", str(out)]  # flags drawn below override these
         if "--concept" not in flags:
             argv += ["--concept", "mouse"]
         argv += [f"{flag}={value}" for flag, value in flags.items()]  # --eta=-1 is not read as a flag
@@ -818,11 +819,16 @@ def test_random_flag_combinations_end_cleanly(tmp_path):
                 code = 0
             except SystemExit as e:
                 code = e.code
-        if code != 0:
-            lines = [l for l in stderr.getvalue().strip().splitlines() if "error" in l]
-            assert code in (1, 2) and len(lines) == 1 and lines[0].startswith("spm_janus.py: error: "), stderr.getvalue()
+        codes.add(code)
+        if code == 0:
+            assert (out / spm.CHECKPOINT_NAME).is_file(), flags
+            assert spm.read_checkpoint(out / spm.CHECKPOINT_NAME)[1]["step"] == str(flags.get("--steps", 1))
+        else:  # the whole of stderr: an error comes before the progress bar
+            lines = stderr.getvalue().splitlines()
+            assert code in (1, 2) and len(lines) == 1 and lines[0].startswith("spm_janus.py: error: "), lines
 
     check()
+    assert 0 in codes and codes - {0}, codes  # both kinds of ending were drawn
 
 
 # -----------------------------------------------------------------------------
