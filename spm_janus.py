@@ -956,7 +956,8 @@ class Trainer:
         student = forward([g + s for g in groups for s in suffixes])
 
         # (c) the erasure target t = l(surrogate) - eta * (l(concept) - l(surrogate)), and the loss
-        target = erasure_target(self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate"), args.eta)
+        target = erasure_target(self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate"),
+                                args.eta)
         erase = divergence(self._distribution(student, "concept"), target, args.loss, args.kl_direction)
         anchor_loss = torch.zeros((), device=erase.device)
         if "anchor" in rows:

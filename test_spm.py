@@ -405,7 +405,8 @@ def trainer_target(eta, surrogate):
     picks = trainer._pick(trainer.args.concept, "concept")
     targets, divergence = [], spm.divergence
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(spm, "divergence", lambda student, target, *a: targets.append(target) or divergence(student, target, *a))
+        patch.setattr(spm, "divergence",
+                      lambda student, target, *rest: targets.append(target) or divergence(student, target, *rest))
         trainer.step()
     # the rows the trainer tokenises together: concept prompts, then the surrogate in the same templates
     prompts = [t.format(c) for c, t in picks] + [t.format(surrogate) for _, t in picks if surrogate]
@@ -977,8 +978,9 @@ def test_sample_with_two_checkpoints_and_transport(tmp_path):
     mouse_strength = float(strengths[1].split("mouse ")[1].split(",")[0])
     assert mouse_strength < 1.0
     understanding = [line for line in result.stdout.splitlines() if line.startswith("understanding, ")]
+    kinds = ("image+question", "text only")
     assert sorted(line.split(" (scope")[0] for line in understanding) == \
-        [f"understanding, {kind}, {concept}" for kind in ("image+question", "text only") for concept in ("cat", "mouse")]
+        [f"understanding, {kind}, {concept}" for kind in kinds for concept in ("cat", "mouse")]
     for line in understanding:  # every membrane set on every input kind, not just one of the four
         assert line.endswith(" (scope image): KL 0, top-1 agreement 1.000, max |logit diff| 0"), line
 
