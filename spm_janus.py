@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -583,6 +582,12 @@ def cfg_combine(cond, uncond, scale):
     return uncond + scale * (cond - uncond)
 
 
+def erasure_target(concept_logits, surrogate_logits, eta):
+    """SPM's target for the concept prompt: t = l(surrogate) - eta * (l(concept) - l(surrogate)), on teacher logits.
+    eta 0 maps the concept onto the surrogate; a larger eta pushes further away from the concept."""
+    return surrogate_logits - eta * (concept_logits - surrogate_logits)
+
+
 def divergence(student, target, loss="kl", direction="forward"):
     """Mean over rows and image steps of KL(target||student) (forward), KL(student||target) (reverse), or MSE."""
     if loss == "mse":
@@ -1077,8 +1082,8 @@ class Trainer:
         student = forward([g + s for g in groups for s in suffixes])
 
         # (c) the erasure target t = l(surrogate) - eta * (l(concept) - l(surrogate)), and the loss
-        teacher_concept, teacher_surrogate = self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate")
-        target = teacher_surrogate - args.eta * (teacher_concept - teacher_surrogate)
+        target = erasure_target(self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate"),
+                                args.eta)
         erase = divergence(self._distribution(student, "concept"), target, args.loss, args.kl_direction)
         if args.adversarial == "soft":  # the concept's soft prompt gets the concept prompt's target too
             soft, soft_uncond, soft_mask = self._soft_prompts(picks)
@@ -1125,17 +1130,14 @@ class Trainer:
     def state_dict(self):
         return {"membranes": self.membranes.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step_count,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "soft": {c: t.cpu() for c, t in self.soft.items()}}
 
     def load_state_dict(self, state):
         self.membranes.load_state_dict(state["membranes"], source=STATE_NAME)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step_count = int(state["step"])
+        self.step_count = int(state["step"])  # no global RNG state: every draw comes from a seeded generator
         self.soft = {c: t.to(self.device) for c, t in state.get("soft", {}).items()}
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
 
 
 @torch.no_grad()
