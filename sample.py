@@ -109,6 +109,8 @@ NEUTRAL_LABELS = ("an empty picture", "a plain background", "a blurry texture") 
 def clip_judge(clip_model, clip_tokenizer, image_processor, decode, labels, neutral=NEUTRAL_LABELS):
     """Zero-shot CLIP: each picture gets the label whose text is nearest; a neutral text nearest means 'none'."""
     texts = [f"a photo of a {label}" for label in labels] + list(neutral)
+    # CLIP's own padding side (right): its text tower counts positions from column 0 and pools at the end-of-text
+    # token, which is also its pad token.
     tokens = clip_tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         text = clip_model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
@@ -149,8 +151,8 @@ def janus_judge(model, tokenizer, loaded, labels, decode):
             for label in labels:
                 questions = [f"Is there a {label} in this image ? Answer yes or no ."] * len(codes)
                 input_ids, mask = spm.understanding_inputs(tokenizer, model, questions, pixel_values)
-                logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
-                               logits_to_keep=1).logits[:, -1].float()
+                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=spm.positions(mask),
+                               pixel_values=pixel_values, logits_to_keep=1).logits[:, -1].float()
                 probs = logits.softmax(-1)
                 yes, no = probs[:, answers["yes"]].sum(-1), probs[:, answers["no"]].sum(-1)
                 p_yes.append(yes / (yes + no).clamp_min(1e-12))

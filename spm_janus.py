@@ -494,7 +494,10 @@ def format_prompt(prompt, tokenizer):
 
 def encode_prompts(tokenizer, prompts, device="cpu", max_length=None):
     """Left-padded (input_ids, attention_mask) [B, T], each row ending with <begin_of_image>."""
-    batch = tokenizer([format_prompt(p, tokenizer) for p in prompts], return_tensors="pt", padding=True)
+    # Left, whatever the tokenizer's default: the image starts at the last column of every row, and a converted
+    # tokenizer that pads on the right would put pads between a short prompt and its image.
+    batch = tokenizer([format_prompt(p, tokenizer) for p in prompts], return_tensors="pt", padding=True,
+                      padding_side="left")
     if max_length is not None and batch.input_ids.shape[1] > max_length:
         raise SPMError(f"prompt of {batch.input_ids.shape[1]} tokens is longer than the model's context of "
                        f"{max_length} minus the image: shorten it", 2)
@@ -763,8 +766,9 @@ def understanding_inputs(tokenizer, model, questions, pixel_values=None):
     if pixel_values is not None:
         count = model.config.vision_config.num_image_tokens
         image = f"{tokenizer.boi_token}{tokenizer.image_token * count}{tokenizer.eoi_token}\n"
+    # Left-padded, so that the last column is every row's next token (pass position_ids=positions(mask) too).
     batch = tokenizer([f"<|User|>: {image}{q}\n\n<|Assistant|>:" for q in questions], return_tensors="pt",
-                      padding=True)
+                      padding=True, padding_side="left")
     device = next(model.parameters()).device
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 
@@ -785,7 +789,8 @@ def understanding_drift(model, tokenizer, membranes, questions, images=None):
     input_ids, mask = understanding_inputs(tokenizer, model, questions, pixel_values)
 
     def next_token_logits():
-        out = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, logits_to_keep=1)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask), pixel_values=pixel_values,
+                    logits_to_keep=1)
         return out.logits[:, -1].float()
 
     with membranes.disabled():

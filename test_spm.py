@@ -160,6 +160,26 @@ def test_padded_prompts_give_the_same_samples_as_alone():
                                    rtol=0, atol=0)
 
 
+def test_a_right_padding_tokenizer_is_padded_on_the_left():
+    """Converted tokenizers may pad on the right: a short prompt's one-pass logits and samples must not change when
+    it shares a batch with a longer one, and the user's tokenizer keeps its setting."""
+    model, tokenizer = tiny()
+    tokenizer.padding_side = "right"
+    randomise(spm.attach_membranes(model, tokenizer, scope="prompt"))
+    prompts = ["a mouse", "a photo of a cat"]
+    input_ids, cond, _, mask = prompt_batch(model, tokenizer, prompts)
+    assert mask[0, 0] == 0 and input_ids[0, -1] == spm.special_ids(tokenizer)["boi"]
+    codes = spm.sample_prompts(model, tokenizer, prompts, [0, 1, 2, 3], 5.0, 1.0)  # [2, 4, N]
+    _, alone, _, alone_mask = prompt_batch(model, tokenizer, prompts[:1])
+    with torch.no_grad():
+        together = spm.image_logits(model, cond, mask, codes[:, 0])
+        torch.testing.assert_close(spm.image_logits(model, alone, alone_mask, codes[:1, 0]), together[:1],
+                                   rtol=0, atol=1e-5)
+    torch.testing.assert_close(spm.sample_prompts(model, tokenizer, prompts[:1], [0, 1, 2, 3], 5.0, 1.0), codes[:1],
+                               rtol=0, atol=0)
+    assert tokenizer.padding_side == "right"
+
+
 # -----------------------------------------------------------------------------
 # Scope
 
