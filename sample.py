@@ -128,18 +128,23 @@ def clip_judge(clip_model, clip_tokenizer, image_processor, decode, labels, neut
     return judge
 
 
+def answer_token_ids(tokenizer, word):
+    """Ids of the spellings of an answer that are one token each: 'yes', ' yes', 'Yes', ' Yes'. A spelling of several
+    tokens is left out: byte-level BPE may spell ' Yes' as 'Ġ' 'Yes', and 'Ġ' is no answer."""
+    ids = set()
+    for spelling in (word, f" {word}", word.title(), f" {word.title()}"):
+        tokens = tokenizer(spelling, add_special_tokens=False).input_ids
+        if len(tokens) == 1 and tokens[0] != tokenizer.unk_token_id:
+            ids.add(tokens[0])
+    if not ids:
+        raise spm.SPMError(f"--judge janus: the model's tokenizer has no '{word}' token; use --judge clip", 2)
+    return sorted(ids)
+
+
 def janus_judge(model, tokenizer, loaded, labels, decode):
     """The base Janus itself, membranes off, in understanding mode: 'Is there a {label} in this image? Answer yes or
     no.' The label with the highest P(yes) names the picture; if no label passes 0.5 it is 'none'."""
-    answers = {}
-    for word in ("yes", "no"):
-        ids = {tokenizer(v, add_special_tokens=False).input_ids[:1][0] for v in (word, f" {word}", word.title(),
-                                                                                 f" {word.title()}")
-               if tokenizer(v, add_special_tokens=False).input_ids}
-        ids.discard(tokenizer.unk_token_id)
-        if not ids:
-            raise spm.SPMError(f"--judge janus: the model's tokenizer has no '{word}' token; use --judge clip", 2)
-        answers[word] = sorted(ids)
+    answers = {word: answer_token_ids(tokenizer, word) for word in ("yes", "no")}
 
     @torch.no_grad()
     def judge(codes, prompts):

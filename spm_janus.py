@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -737,15 +738,38 @@ def export_peft(ckpt, out_dir):
 # Inference helpers: facilitated transport, understanding drift
 
 
+def concept_columns(tokenizer, text, concept, start=0, stop=None):
+    """Token indices of tokenizer(text, add_special_tokens=False) that spell the last whole-word occurrence of
+    `concept` (any case) within text[start:stop]; None when it does not occur there.
+
+    Found by character offsets, not by looking for tokenizer(concept) in the ids: byte-level BPE spells a word by
+    its context (' Mickey' is 'ĠMickey' after a space, 'Mickey' after '('), so only the prompt's own tokens are the
+    concept's tokens as the model sees them."""
+    hits = list(re.finditer(rf"(?<!\w){re.escape(concept)}(?!\w)", text[start:stop], re.IGNORECASE))
+    if not hits:
+        return None
+    begin, end = start + hits[-1].start(), start + hits[-1].end()
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    except NotImplementedError:  # a slow tokenizer has no offsets: look for the concept's ids, spelt as a word
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        word = tokenizer(f" {text[begin:end]}", add_special_tokens=False).input_ids
+        found = [i for i in range(len(ids) - len(word), -1, -1) if ids[i:i + len(word)] == word]
+        return list(range(found[0], found[0] + len(word))) if found else None
+    return [i for i, (s, e) in enumerate(offsets) if s < end and e > begin and e > s] or None
+
+
 def prompt_concept_match(model, tokenizer, prompt, concept):
     """How much a prompt is about a concept, in [0, 1]: the larger of
     - the cosine between the mean-pooled input embeddings of prompt and concept. Input embeddings, not hidden
       states: the embedding table is frozen and never behind a membrane, so the score is the same with membranes
       on or off, costs no forward pass, and does not depend on the chat template around the prompt;
-    - the share of the concept's tokens found in the prompt."""
+    - the share of the concept's tokens found in the prompt (all of them when the prompt spells the concept)."""
     embed = model.get_input_embeddings()
     prompt_ids = tokenizer(f" {prompt}", add_special_tokens=False).input_ids
-    concept_ids = tokenizer(f" {concept}", add_special_tokens=False).input_ids
+    columns = concept_columns(tokenizer, f" {prompt}", concept)
+    concept_ids = [prompt_ids[i] for i in columns] if columns else \
+        tokenizer(f" {concept}", add_special_tokens=False).input_ids
     device = embed.weight.device
     with torch.no_grad():
         prompt_vector = embed(torch.tensor(prompt_ids, device=device)).float().mean(0)
@@ -812,13 +836,16 @@ def known_concepts(tokenizer, concepts):
     return [c for c in concepts if unk is None or unk not in tokenizer(c, add_special_tokens=False).input_ids]
 
 
-def concept_token_positions(tokenizer, input_ids, concept):
-    """Columns of the concept's tokens (last occurrence) in each prompt row [T]; [] where it is not found."""
-    concept_ids = tokenizer(f" {concept}", add_special_tokens=False).input_ids
-    n, result = len(concept_ids), []
-    for row in input_ids.tolist():
-        hits = [i for i in range(len(row) - n, -1, -1) if row[i:i + n] == concept_ids]
-        result.append(list(range(hits[0], hits[0] + n)) if hits else [])
+def concept_token_positions(tokenizer, prompts, concepts, input_ids):
+    """Columns of each row's concept tokens (its last occurrence in the prompt) in input_ids [B, T] from
+    encode_prompts(prompts); [] where the prompt does not spell the concept."""
+    start = format_prompt("\0", tokenizer).index("\0")  # the prompt's span: never match inside the template
+    result = []
+    for prompt, concept, row in zip(prompts, concepts, input_ids.tolist()):
+        text = format_prompt(prompt, tokenizer)
+        columns = concept_columns(tokenizer, text, concept, start, start + len(prompt)) or []
+        shift = len(row) - len(tokenizer(text, add_special_tokens=False).input_ids)  # BOS and left padding
+        result.append([shift + c for c in columns])
     return result
 
 
@@ -914,8 +941,8 @@ class Trainer:
             rows["anchor"] = slice(len(prompts) - B, len(prompts))
         if args.anchor == "latent":
             anchor = rows["anchor"]
-            columns = [concept_token_positions(self.tokenizer, input_ids[anchor][i:i + 1], c)[0]
-                       for i, (c, _) in enumerate(picks)]
+            columns = concept_token_positions(self.tokenizer, prompts[anchor], [c for c, _ in picks],
+                                              input_ids[anchor])
             cond = cond.clone()
             for i, cols in enumerate(columns):
                 row = anchor.start + i

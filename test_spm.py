@@ -836,6 +836,135 @@ def test_janus_judge_reads_the_base_model_with_membranes_off():
 
 
 # -----------------------------------------------------------------------------
+# A checkpoint shaped like Janus-Pro's: byte-level BPE with DeepSeek's special tokens, saved and loaded by path
+
+
+BPE_BOS, BPE_EOS, BPE_PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+BPE_SPECIALS = [BPE_BOS, BPE_EOS, BPE_PAD, "<|User|>", "<|Assistant|>", "<begin_of_image>", "<end_of_image>",
+                "<image_placeholder>"]
+
+
+def bpe_tokenizer():
+    """A byte-level BPE trained here on a few strings, shaped like Janus-Pro's: DeepSeek's special tokens after the
+    learnt vocabulary (ids 100000 and up there), BOS in front of every text, no <unk>. It pads on the RIGHT, as a
+    converted tokenizer may: every test on it checks the left padding as well."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(spm.COMMON_CONCEPTS) + ["Mickey Mouse", "real", "red", "blue"]
+    texts = [t.format(w) for t in spm.DEFAULT_TEMPLATES for w in words] + \
+        [f"Is there a {w} in this image ? Answer yes or no ." for w in words] + ["Yes", "No", "(Mickey Mouse)"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.add_special_tokens(BPE_SPECIALS)
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BPE_BOS} $A", special_tokens=[(BPE_BOS, backend.token_to_id(BPE_BOS))])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BPE_BOS, eos_token=BPE_EOS, pad_token=BPE_PAD, padding_side="right",
+        extra_special_tokens={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                              "eoi_token": "<end_of_image>"})
+
+
+@pytest.fixture(scope="module")
+def bpe_janus_dir(tmp_path_factory):
+    """A directory in transformers' format, as a downloaded checkpoint: a tiny random Janus and the BPE tokenizer.
+    Load it by path: spm.load_model(str(bpe_janus_dir))."""
+    from transformers import JanusForConditionalGeneration
+    tokenizer = bpe_tokenizer()
+    config = spm.janus_config(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token))
+    text = config.text_config
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                               tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = JanusForConditionalGeneration(config)
+    path = tmp_path_factory.mktemp("janus-bpe")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_bpe_checkpoint_loads_by_path_and_pads_left(bpe_janus_dir):
+    model, tokenizer = spm.load_model(str(bpe_janus_dir))
+    assert tokenizer.padding_side == "right" and tokenizer.unk_token_id is None
+    assert (tokenizer.bos_token, tokenizer.pad_token, tokenizer.boi_token, tokenizer.eoi_token, tokenizer.image_token) \
+        == (BPE_BOS, BPE_PAD, "<begin_of_image>", "<end_of_image>", "<image_placeholder>")
+    ids = spm.special_ids(tokenizer)
+    assert model.generation_config.generation_kwargs == {"boi_token_id": ids["boi"]}
+    input_ids, mask = spm.encode_prompts(tokenizer, ["Mickey Mouse", "a photo of a cat"])
+    first = int(mask[0].argmax())
+    assert first > 0 and (input_ids[0, :first] == ids["pad"]).all() and (input_ids[:, -1] == ids["boi"]).all()
+    assert tokenizer.convert_ids_to_tokens(input_ids[0, first:].tolist()) == \
+        [BPE_BOS, "<|User|>", ":", "ĠMickey", "ĠMouse", "Ċ", "Ċ", "<|Assistant|>", ":", "<begin_of_image>"]
+    uncond = spm.unconditional_ids(input_ids, tokenizer)
+    assert (uncond[0, first] == ids["bos"]) and (uncond[0, first + 1:-1] == ids["pad"]).all()
+
+
+def test_bpe_concept_positions_are_the_prompts_own_tokens(bpe_janus_dir, monkeypatch):
+    """Latent anchoring replaces the concept's token embeddings: byte-level BPE spells 'Mickey' as 'ĠMickey' after a
+    space but 'Mickey' after '(', so the concept must be found in the prompt as tokenized, not by its own ids."""
+    model, tokenizer = spm.load_model(str(bpe_janus_dir))
+    prompts = ["a photo of Mickey Mouse", "(Mickey Mouse)", "mickey mouse", "a picture of a cat"]
+    input_ids, _ = spm.encode_prompts(tokenizer, prompts)
+    columns = spm.concept_token_positions(tokenizer, prompts, ["Mickey Mouse"] * 4, input_ids)
+    assert [tokenizer.decode(input_ids[i, c]).strip() for i, c in enumerate(columns[:3])] == \
+        ["Mickey Mouse", "Mickey Mouse", "mickey mouse"]
+    assert tokenizer.convert_ids_to_tokens(input_ids[1, columns[1]].tolist()) == ["Mickey", "ĠMouse"]
+    assert columns[3] == []
+    seen = []
+    anchor_embeds = spm.latent_anchor_embeds
+    monkeypatch.setattr(spm, "latent_anchor_embeds", lambda embeds, cols, g: seen.append(cols[0]) or
+                        anchor_embeds(embeds, cols, g))
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    args = train_args(concept=["Mickey Mouse"], templates=["a photo of {}", "({})"], anchor="latent", batch_size=2)
+    spm.Trainer(model, tokenizer, membranes, args).step()
+    assert len(seen) == 2 and all(len(cols) == 2 for cols in seen)  # both tokens of the concept, in every row
+
+
+def test_bpe_transport_finds_the_concept_in_any_spelling(bpe_janus_dir):
+    model, tokenizer = spm.load_model(str(bpe_janus_dir))
+    for prompt in ("a photo of Mickey Mouse", "(Mickey Mouse) on a boat", "mickey mouse"):
+        assert spm.prompt_concept_match(model, tokenizer, prompt, "Mickey Mouse") == 1.0, prompt
+    assert spm.prompt_concept_match(model, tokenizer, "a red Mouse", "Mickey Mouse") >= 0.5  # one of two tokens
+    assert spm.transport_strength(model, tokenizer, "a photo of a cat", ["Mickey Mouse"]) < 1.0
+
+
+def test_bpe_janus_judge_reads_whole_answer_tokens(bpe_janus_dir):
+    import sample
+    model, tokenizer = spm.load_model(str(bpe_janus_dir))
+    answers = {w: set(tokenizer.convert_ids_to_tokens(sample.answer_token_ids(tokenizer, w))) for w in ("yes", "no")}
+    assert answers == {"yes": {"yes", "Ġyes", "Yes"}, "no": {"no", "Ġno", "No"}}  # ' Yes' is 'Ġ' 'Yes': left out
+    codes = spm.sample_prompts(model, tokenizer, ["Mickey Mouse", "a cat"], [0], 5.0, 1.0).flatten(0, 1)
+    judged = sample.janus_judge(model, tokenizer, [], ["Mickey Mouse", "cat"],
+                                lambda c: spm.decode_images(model, c))(codes, [""] * 2)
+    assert len(judged) == 2 and set(judged) <= {"Mickey Mouse", "cat", "none"}
+
+
+def test_bpe_train_a_two_token_concept_then_sample_compare(bpe_janus_dir, tmp_path, capsys):
+    import sample
+    from PIL import Image
+    out = tmp_path / "run"
+    spm.main(["--model", str(bpe_janus_dir), "--concept", "Mickey Mouse", "--steps", "2", "--batch-size", "2",
+              "--sample-every", "0", "--out", str(out)])
+    tensors, metadata = spm.read_checkpoint(out / "membranes.safetensors")
+    assert metadata["config"]["concept"] == ["Mickey Mouse"] and metadata["step"] == "2"
+    assert "cat" in metadata["config"]["anchor_prompts"]  # the built-in list: BPE spells every word
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["finite"] for m in metrics)
+    capsys.readouterr()
+    sample.main(["--ckpt", str(out / "membranes.safetensors"), "--prompt", "a photo of Mickey Mouse", "--prompt",
+                 "a cat", "--compare", "--transport", "--n", "2", "--out", str(tmp_path / "cmp")])
+    printed = capsys.readouterr().out
+    assert "'a photo of Mickey Mouse': strength Mickey Mouse 1.000" in printed
+    image = Image.open(tmp_path / "cmp" / "compare.png")
+    assert image.width > image.height  # two prompt rows, 2 base and 2 erased columns
+
+
+# -----------------------------------------------------------------------------
 # The toy world: a small Janus trained here, so that erasure is measured
 
 
