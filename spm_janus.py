@@ -15,6 +15,7 @@ This file is self-contained: copy it into your project. It does no work at impor
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -411,23 +412,69 @@ def resolve_model(name):
     return name
 
 
+HUB_HINT = "pass a hub id such as deepseek-community/Janus-Pro-1B, a local directory in transformers' Janus format, " \
+           "or --model tiny"
+
+
+@functools.lru_cache(maxsize=None)
+def hub_kwargs(name):
+    """from_pretrained's keywords for `name`: {} to load as usual (a directory, or a hub id the hub answers for), or
+    local_files_only when the hub cannot be reached and the local cache holds the model.
+
+    One request with a short timeout (HF_HUB_ETAG_TIMEOUT, default 3 s here) and no retries comes first: offline,
+    from_pretrained would retry for about 30 s before it said that the model is missing."""
+    if Path(name).expanduser().is_dir():
+        return {}
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError:
+        raise SPMError(f"--model {name}: not a local directory, nor a hub id (org/name); {HUB_HINT}", 1) from None
+    where = f"the local cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return {"local_files_only": True}
+        raise SPMError(f"--model {name}: HF_HUB_OFFLINE is set and {where} does not hold it; download it first, or "
+                       f"{HUB_HINT}", 1)
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=float(os.environ.get("HF_HUB_ETAG_TIMEOUT", 3)))
+        return {}
+    except GatedRepoError:  # before its parent class, RepositoryNotFoundError
+        raise SPMError(f"--model {name} is gated on the hub: accept its terms on the model page and log in with "
+                       f"`hf auth login`", 1) from None
+    except RepositoryNotFoundError:
+        raise SPMError(f"--model {name}: no such local directory or model on the hub (a private one needs "
+                       f"`hf auth login`); {HUB_HINT}", 1) from None
+    except (EntryNotFoundError, RevisionNotFoundError):
+        raise SPMError(f"--model {name} has no config.json on the hub: not a checkpoint in transformers' format; "
+                       f"{HUB_HINT}", 1) from None
+    except Exception as e:  # no network, DNS, proxy, timeout, a hub outage
+        if cached:
+            return {"local_files_only": True}
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise SPMError(f"--model {name}: cannot reach the Hugging Face hub ({reason}) and {where} does not hold it; "
+                       f"download it where there is network, or {HUB_HINT}", 1) from None
+
+
 def load_config(name):
     """The model's JanusConfig, read before any weights, so bad layer ids fail fast."""
     name = resolve_model(name)
     if name == "tiny":
         return build_tiny_janus()[0].config
-    from transformers import AutoConfig
-
     if (name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]) and not Path(name).expanduser().is_dir():
         raise SPMError(f"--model {name}: no such directory; pass a local directory in transformers' Janus format, "
                        f"a hub id such as deepseek-community/Janus-Pro-1B, or tiny / toy", 1)
+    kwargs = hub_kwargs(name)  # before transformers is imported: a missing model fails in a second or two
+    from transformers import AutoConfig
+
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, **kwargs)
     except Exception as e:  # offline hub id, missing directory, not a Janus checkpoint
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SPMError(f"cannot load model {name!r} ({first_line}); pass a hub id such as "
-                       f"deepseek-community/Janus-Pro-1B, a local directory in transformers' Janus format, "
-                       f"or --model tiny", 1) from None
+        raise SPMError(f"cannot load model {name!r} ({first_line}); {HUB_HINT}", 1) from None
 
 
 def pick_device(device="auto"):
@@ -460,8 +507,8 @@ def load_model(name, dtype="float32", device="cpu"):
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         load_config(name)  # one-line error for a model that cannot be found
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = JanusForConditionalGeneration.from_pretrained(name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
+        model = JanusForConditionalGeneration.from_pretrained(name, dtype=torch_dtype, **hub_kwargs(name))
         gen = model.generation_config
         if "boi_token_id" not in (getattr(gen, "generation_kwargs", None) or {}):
             set_generation_defaults(model, tokenizer, gen.guidance_scale or 5.0, gen.temperature or 1.0)
@@ -1274,8 +1321,8 @@ def train(args):
     check_args(args)
     device = pick_device(args.device)
     previous = check_resume(args) if args.resume else None
+    config = load_config(args.model)  # a missing model leaves no empty run directory behind
     out = prepare_out_dir(args)
-    config = load_config(args.model)
     set_threads(args.threads, config, device)
     membrane_targets(config.text_config.num_hidden_layers, args.layers, args.modules, args.attn_layer_ids,
                      args.mlp_layer_ids)  # bad layer ids fail here, before any weights load

@@ -1,5 +1,6 @@
 """Tests on tiny random Janus models built in-process: exact equalities, no downloads."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -577,6 +578,45 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, argv, code, needle):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == code and len(lines) == 1 and needle in lines[0], result.stderr
     assert not (tmp_path / "r" / "membranes.safetensors").exists()
+
+
+def offline_env(tmp_path):
+    """No hub (a closed local port answers at once) and an empty cache; HF_HUB_OFFLINE unset."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    return dict(env, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
+
+
+def test_a_missing_model_offline_is_one_line_without_retries(tmp_path):
+    result = subprocess.run([sys.executable, "spm_janus.py", "--model", "some-org/missing", "--concept", "mouse",
+                             "--out", str(tmp_path / "r")], cwd=HERE, capture_output=True, text=True, timeout=120,
+                            env=offline_env(tmp_path))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and not result.stdout, result.stderr
+    assert "cannot reach the Hugging Face hub" in lines[0] and "local cache" in lines[0]
+    assert "retry" not in result.stderr.lower() and "warning" not in result.stderr.lower()
+    assert not (tmp_path / "r").exists()  # nothing written for a model that is not there
+
+
+def test_a_cached_hub_id_loads_without_the_hub(bpe_janus_dir, tmp_path, monkeypatch):
+    """A hub id in the local cache loads as before when the hub cannot be reached or HF_HUB_OFFLINE is set; one that
+    is not there is a one-line error either way."""
+    import shutil
+    from huggingface_hub import constants
+    repo, commit = tmp_path / "models--test-org--janus-bpe", "0" * 40
+    shutil.copytree(bpe_janus_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for offline in (False, True):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        spm.hub_kwargs.cache_clear()
+        assert spm.hub_kwargs("test-org/janus-bpe") == {"local_files_only": True}
+        model, tokenizer = spm.load_model("test-org/janus-bpe")
+        assert tokenizer.bos_token == BPE_BOS and model.config.vision_config.num_image_tokens == 64
+        with pytest.raises(spm.SPMError, match="HF_HUB_OFFLINE is set" if offline else "cannot reach"):
+            spm.load_config("some-org/missing")
+    spm.hub_kwargs.cache_clear()
 
 
 def test_out_dir_that_cannot_be_written_or_holds_another_run(tmp_path):
