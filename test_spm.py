@@ -1004,6 +1004,17 @@ def test_bpe_train_a_two_token_concept_then_sample_compare(bpe_janus_dir, tmp_pa
     assert image.width > image.height  # two prompt rows, 2 base and 2 erased columns
 
 
+def test_bench_quick_runs_on_a_checkpoint_directory(bpe_janus_dir, tmp_path):
+    """bench.py --model: the same report on a checkpoint's own weights, tokenizer and image tokens."""
+    import bench
+    bench.main(["--quick", "--model", str(bpe_janus_dir), "--pairs", "1", "--warmup", "0", "--sections", "train,sample",
+                "--json", str(tmp_path / "b.json")])
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["n_image_tokens"] == 64 and report["model"].startswith(str(bpe_janus_dir))
+    assert report["dtype"] == "float32" and report["targets"] == {}
+    assert report["loss_max_abs_diff"] < 1e-5 and report["merged_tokens_identical"] is True
+
+
 # -----------------------------------------------------------------------------
 # The toy world: a small Janus trained here, so that erasure is measured
 
