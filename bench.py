@@ -541,7 +541,8 @@ def build_parser():
                         "deepseek-community/Janus-Pro-7B), with its own weights, tokenizer and image tokens")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="weight dtype (default: float32 for tiny, bfloat16 for 1b/7b)")
+                   help="weight dtype (default: float32 for tiny, bfloat16 for 1b/7b; with --model, bfloat16 on "
+                        "cuda, float32 on cpu)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads, 0 = torch's default (default: 1: as fast for small models, and steady "
                         "when other processes load the CPU)")
@@ -611,10 +612,14 @@ def check_args(args):
                          f"smoke run of the real-width code path")
     if args.device == "cpu" and args.dtype != "float32" and "train" in args.sections:
         print("note: losses agree to ~1e-6 in float32 only; bf16/fp16 rounding differs between the two ways")
-    if args.json:
+    if args.json:  # its directory is made here (runs/ before a first run), so a long run cannot fail at the end
         parent = os.path.dirname(os.path.abspath(args.json))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError:
+            pass
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise BenchError(f"--json {args.json}: directory {parent} does not exist or is not writable")
+            raise BenchError(f"--json {args.json}: directory {parent} cannot be made or written")
 
 
 def targets(r, args):
