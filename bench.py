@@ -14,6 +14,7 @@ memory   whole-process peak of a real training step (spm_janus.Trainer) against 
     python bench.py --quick --json /tmp/bq.json      # N = 100, 3 rounds: a check in under 2 minutes on 2 cores
     python bench.py --json /tmp/b.json               # N = 576, 5 rounds: under 10 minutes on 2 cores
     python bench.py --device cuda --size 7b --grad-checkpointing --json b7.json
+    python bench.py --device cuda --model deepseek-community/Janus-Pro-7B --grad-checkpointing --json real7.json
 
 Timing: a warm-up run of each side, then --pairs rounds; a round runs each compared side once (the order rotates from
 round to round), each followed by a run of the base, and compares it with the mean of the base runs just before and
@@ -74,9 +75,16 @@ def janus_pro_config(size, image_token_id=5, num_layers=None, num_tokens=576):
 
 
 def build_model(args, device, dtype):
-    """(model, tokenizer): random weights, created in their dtype on their device (no fp32 host copy of a 7B)."""
+    """(model, tokenizer): random weights, created in their dtype on their device (no fp32 host copy of a 7B); or,
+    with --model, a real checkpoint, whose image tokens set N."""
     from transformers import JanusForConditionalGeneration
 
+    if args.model:
+        model, tokenizer = spm.load_model(args.model, args.dtype, device)
+        args.tokens = model.config.vision_config.num_image_tokens
+        if args.grad_checkpointing:
+            model.model.language_model.activation_checkpointing_enable()
+        return model, tokenizer
     words = set(" ".join(spm.DEFAULT_TEMPLATES).replace("{}", " ").split()) | set(spm.COMMON_CONCEPTS) | {"real"}
     tokenizer = spm.word_tokenizer(sorted(words))
     image_token_id = tokenizer.convert_tokens_to_ids("<image_placeholder>")
@@ -489,7 +497,8 @@ def bench_memory(model, tokenizer, args, device):
         baseline = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
         method = "torch.cuda.max_memory_allocated (weights included), in this process"
     else:
-        command = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--tokens", str(args.tokens),
+        model_flags = ["--model", args.model] if args.model else ["--size", args.size, "--tokens", str(args.tokens)]
+        command = [sys.executable, os.path.abspath(__file__), *model_flags,
                    "--train-batch", str(args.train_batch), "--rank", str(args.rank), "--threads", str(args.threads),
                    "--dtype", args.dtype, "--seed", str(args.seed)] + \
                   (["--num-layers", str(args.num_layers)] if args.num_layers else []) + \
@@ -527,9 +536,13 @@ def build_parser():
     g.add_argument("--size", default="tiny", choices=["tiny", "1b", "7b"],
                    help="tiny = random tiny-but-wide model (hidden 256, 4 layers, codebook 1024); 1b, 7b = random "
                         "weights with the real Janus-Pro dims (default: tiny)")
+    g.add_argument("--model", default=None,
+                   help="instead of --size: a Janus checkpoint in transformers' format, hub id or directory (e.g. "
+                        "deepseek-community/Janus-Pro-7B), with its own weights, tokenizer and image tokens")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="weight dtype (default: float32 for tiny, bfloat16 for 1b/7b)")
+                   help="weight dtype (default: float32 for tiny, bfloat16 for 1b/7b; with --model, bfloat16 on "
+                        "cuda, float32 on cpu)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads, 0 = torch's default (default: 1: as fast for small models, and steady "
                         "when other processes load the CPU)")
@@ -569,8 +582,12 @@ def build_parser():
 
 def check_args(args):
     """Everything that can fail before a model is built, as one-line errors."""
-    args.tokens = args.tokens or (100 if args.quick else 576)
+    if args.model and (args.size != "tiny" or args.tokens or args.num_layers):
+        raise BenchError("--model brings its own size, image tokens and layers: drop --size, --tokens and --num-layers")
+    args.tokens = args.tokens or (100 if args.quick else 576)  # with --model, the model's (set when it loads)
     args.pairs = args.pairs or (3 if args.quick else 5)
+    if args.model:  # a real checkpoint is stored in bfloat16: keep it on a GPU, float32 on a CPU
+        args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.dtype = args.dtype or ("float32" if args.size == "tiny" else "bfloat16")
     if args.tokens < 4 or math.isqrt(args.tokens) ** 2 != args.tokens:
         raise BenchError(f"--tokens {args.tokens} must be a square of at least 4 (the image is a grid), "
@@ -590,20 +607,24 @@ def check_args(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda, but this machine has no CUDA device (torch "
                          f"{torch.__version__}): run with --device cpu, or on a GPU machine")
-    if args.device == "cpu" and args.size != "tiny" and not args.num_layers:
+    if args.device == "cpu" and args.size != "tiny" and not args.num_layers and not args.model:
         raise BenchError(f"--size {args.size} on CPU takes hours: use --device cuda, or add --num-layers 1 for a "
                          f"smoke run of the real-width code path")
     if args.device == "cpu" and args.dtype != "float32" and "train" in args.sections:
         print("note: losses agree to ~1e-6 in float32 only; bf16/fp16 rounding differs between the two ways")
-    if args.json:
+    if args.json:  # its directory is made here (runs/ before a first run), so a long run cannot fail at the end
         parent = os.path.dirname(os.path.abspath(args.json))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError:
+            pass
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise BenchError(f"--json {args.json}: directory {parent} does not exist or is not writable")
+            raise BenchError(f"--json {args.json}: directory {parent} cannot be made or written")
 
 
 def targets(r, args):
     """The issue's targets, for the tiny-wide model on CPU: key -> (target text, met)."""
-    if args.size != "tiny" or args.device != "cpu":
+    if args.size != "tiny" or args.device != "cpu" or args.model:
         return {}
     checks = {"loss_max_abs_diff": ("<= 1e-5 (about 1e-6)", lambda v: v <= 1e-5),
               "membrane_sampling_overhead_attn": ("<= 15%", lambda v: v <= 0.15),
@@ -697,9 +718,11 @@ def main(argv=None):
         device, dtype = torch.device(args.device), DTYPES[args.dtype]
         started = time.time()
         model, tokenizer = build_model(args, device, dtype)
-        dims = TINY_WIDE if args.size == "tiny" else dict(JANUS_PRO[args.size], codebook=16384)
-        name = ("tiny-wide" if args.size == "tiny" else f"Janus-Pro-{args.size.upper()} dims, random weights") + \
-            f" (hidden {dims['hidden']}, {args.num_layers or dims['layers']} layers, codebook {dims['codebook']})"
+        text = model.config.text_config
+        name = (args.model if args.model else "tiny-wide" if args.size == "tiny" else
+                f"Janus-Pro-{args.size.upper()} dims, random weights") + \
+            f" (hidden {text.hidden_size}, {text.num_hidden_layers} layers, " \
+            f"codebook {model.config.vq_config.num_embeddings})"
         where = torch.cuda.get_device_name() if device.type == "cuda" else \
             f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch thread(s)"
         print(f"{name}; N = {args.tokens}; {args.device} {args.dtype}; {where}; torch {torch.__version__}; "

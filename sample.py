@@ -226,6 +226,8 @@ NEUTRAL_LABELS = ("an empty picture", "a plain background", "a blurry texture") 
 def clip_judge(clip_model, clip_tokenizer, image_processor, decode, labels, neutral=NEUTRAL_LABELS):
     """Zero-shot CLIP: each picture gets the label whose text is nearest; a neutral text nearest means 'none'."""
     texts = [f"a photo of a {label}" for label in labels] + list(neutral)
+    # CLIP's own padding side (right): its text tower counts positions from column 0 and pools at the end-of-text
+    # token, which is also its pad token.
     tokens = clip_tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         text = clip_model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
@@ -243,18 +245,23 @@ def clip_judge(clip_model, clip_tokenizer, image_processor, decode, labels, neut
     return judge
 
 
+def answer_token_ids(tokenizer, word):
+    """Ids of the spellings of an answer that are one token each: 'yes', ' yes', 'Yes', ' Yes'. A spelling of several
+    tokens is left out: byte-level BPE may spell ' Yes' as 'Ġ' 'Yes', and 'Ġ' is no answer."""
+    ids = set()
+    for spelling in (word, f" {word}", word.title(), f" {word.title()}"):
+        tokens = tokenizer(spelling, add_special_tokens=False).input_ids
+        if len(tokens) == 1 and tokens[0] != tokenizer.unk_token_id:
+            ids.add(tokens[0])
+    if not ids:
+        raise spm.SPMError(f"--judge janus: the model's tokenizer has no '{word}' token; use --judge clip", 2)
+    return sorted(ids)
+
+
 def janus_judge(model, tokenizer, loaded, labels, decode):
     """The base Janus itself, membranes off, in understanding mode: 'Is there a {label} in this image? Answer yes or
     no.' The label with the highest P(yes) names the picture; if no label passes 0.5 it is 'none'."""
-    answers = {}
-    for word in ("yes", "no"):
-        ids = {tokenizer(v, add_special_tokens=False).input_ids[:1][0] for v in (word, f" {word}", word.title(),
-                                                                                 f" {word.title()}")
-               if tokenizer(v, add_special_tokens=False).input_ids}
-        ids.discard(tokenizer.unk_token_id)
-        if not ids:
-            raise spm.SPMError(f"--judge janus: the model's tokenizer has no '{word}' token; use --judge clip", 2)
-        answers[word] = sorted(ids)
+    answers = {word: answer_token_ids(tokenizer, word) for word in ("yes", "no")}
 
     @torch.no_grad()
     def judge(codes, prompts):
@@ -266,8 +273,8 @@ def janus_judge(model, tokenizer, loaded, labels, decode):
             for label in labels:
                 questions = [f"Is there a {label} in this image ? Answer yes or no ."] * len(codes)
                 input_ids, mask = spm.understanding_inputs(tokenizer, model, questions, pixel_values)
-                logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
-                               logits_to_keep=1).logits[:, -1].float()
+                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=spm.positions(mask),
+                               pixel_values=pixel_values, logits_to_keep=1).logits[:, -1].float()
                 probs = logits.softmax(-1)
                 yes, no = probs[:, answers["yes"]].sum(-1), probs[:, answers["no"]].sum(-1)
                 p_yes.append(yes / (yes + no).clamp_min(1e-12))

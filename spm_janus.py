@@ -15,10 +15,12 @@ This file is self-contained: copy it into your project. It does no work at impor
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -410,23 +412,69 @@ def resolve_model(name):
     return name
 
 
+HUB_HINT = "pass a hub id such as deepseek-community/Janus-Pro-1B, a local directory in transformers' Janus format, " \
+           "or --model tiny"
+
+
+@functools.lru_cache(maxsize=None)
+def hub_kwargs(name):
+    """from_pretrained's keywords for `name`: {} to load as usual (a directory, or a hub id the hub answers for), or
+    local_files_only when the hub cannot be reached and the local cache holds the model.
+
+    One request with a short timeout (HF_HUB_ETAG_TIMEOUT, default 3 s here) and no retries comes first: offline,
+    from_pretrained would retry for about 30 s before it said that the model is missing."""
+    if Path(name).expanduser().is_dir():
+        return {}
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError:
+        raise SPMError(f"--model {name}: not a local directory, nor a hub id (org/name); {HUB_HINT}", 1) from None
+    where = f"the local cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return {"local_files_only": True}
+        raise SPMError(f"--model {name}: HF_HUB_OFFLINE is set and {where} does not hold it; download it first, or "
+                       f"{HUB_HINT}", 1)
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=float(os.environ.get("HF_HUB_ETAG_TIMEOUT", 3)))
+        return {}
+    except GatedRepoError:  # before its parent class, RepositoryNotFoundError
+        raise SPMError(f"--model {name} is gated on the hub: accept its terms on the model page and log in with "
+                       f"`hf auth login`", 1) from None
+    except RepositoryNotFoundError:
+        raise SPMError(f"--model {name}: no such local directory or model on the hub (a private one needs "
+                       f"`hf auth login`); {HUB_HINT}", 1) from None
+    except (EntryNotFoundError, RevisionNotFoundError):
+        raise SPMError(f"--model {name} has no config.json on the hub: not a checkpoint in transformers' format; "
+                       f"{HUB_HINT}", 1) from None
+    except Exception as e:  # no network, DNS, proxy, timeout, a hub outage
+        if cached:
+            return {"local_files_only": True}
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise SPMError(f"--model {name}: cannot reach the Hugging Face hub ({reason}) and {where} does not hold it; "
+                       f"download it where there is network, or {HUB_HINT}", 1) from None
+
+
 def load_config(name):
     """The model's JanusConfig, read before any weights, so bad layer ids fail fast."""
     name = resolve_model(name)
     if name == "tiny":
         return build_tiny_janus()[0].config
-    from transformers import AutoConfig
-
     if (name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]) and not Path(name).expanduser().is_dir():
         raise SPMError(f"--model {name}: no such directory; pass a local directory in transformers' Janus format, "
                        f"a hub id such as deepseek-community/Janus-Pro-1B, or tiny / toy", 1)
+    kwargs = hub_kwargs(name)  # before transformers is imported: a missing model fails in a second or two
+    from transformers import AutoConfig
+
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, **kwargs)
     except Exception as e:  # offline hub id, missing directory, not a Janus checkpoint
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SPMError(f"cannot load model {name!r} ({first_line}); pass a hub id such as "
-                       f"deepseek-community/Janus-Pro-1B, a local directory in transformers' Janus format, "
-                       f"or --model tiny", 1) from None
+        raise SPMError(f"cannot load model {name!r} ({first_line}); {HUB_HINT}", 1) from None
 
 
 def pick_device(device="auto"):
@@ -459,8 +507,8 @@ def load_model(name, dtype="float32", device="cpu"):
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         load_config(name)  # one-line error for a model that cannot be found
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = JanusForConditionalGeneration.from_pretrained(name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
+        model = JanusForConditionalGeneration.from_pretrained(name, dtype=torch_dtype, **hub_kwargs(name))
         gen = model.generation_config
         if "boi_token_id" not in (getattr(gen, "generation_kwargs", None) or {}):
             set_generation_defaults(model, tokenizer, gen.guidance_scale or 5.0, gen.temperature or 1.0)
@@ -494,7 +542,10 @@ def format_prompt(prompt, tokenizer):
 
 def encode_prompts(tokenizer, prompts, device="cpu", max_length=None):
     """Left-padded (input_ids, attention_mask) [B, T], each row ending with <begin_of_image>."""
-    batch = tokenizer([format_prompt(p, tokenizer) for p in prompts], return_tensors="pt", padding=True)
+    # Left, whatever the tokenizer's default: the image starts at the last column of every row, and a converted
+    # tokenizer that pads on the right would put pads between a short prompt and its image.
+    batch = tokenizer([format_prompt(p, tokenizer) for p in prompts], return_tensors="pt", padding=True,
+                      padding_side="left")
     if max_length is not None and batch.input_ids.shape[1] > max_length:
         raise SPMError(f"prompt of {batch.input_ids.shape[1]} tokens is longer than the model's context of "
                        f"{max_length} minus the image: shorten it", 2)
@@ -741,15 +792,38 @@ def export_peft(ckpt, out_dir):
 # Inference helpers: facilitated transport, understanding drift
 
 
+def concept_columns(tokenizer, text, concept, start=0, stop=None):
+    """Token indices of tokenizer(text, add_special_tokens=False) that spell the last whole-word occurrence of
+    `concept` (any case) within text[start:stop]; None when it does not occur there.
+
+    Found by character offsets, not by looking for tokenizer(concept) in the ids: byte-level BPE spells a word by
+    its context (' Mickey' is 'ĠMickey' after a space, 'Mickey' after '('), so only the prompt's own tokens are the
+    concept's tokens as the model sees them."""
+    hits = list(re.finditer(rf"(?<!\w){re.escape(concept)}(?!\w)", text[start:stop], re.IGNORECASE))
+    if not hits:
+        return None
+    begin, end = start + hits[-1].start(), start + hits[-1].end()
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    except NotImplementedError:  # a slow tokenizer has no offsets: look for the concept's ids, spelt as a word
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        word = tokenizer(f" {text[begin:end]}", add_special_tokens=False).input_ids
+        found = [i for i in range(len(ids) - len(word), -1, -1) if ids[i:i + len(word)] == word]
+        return list(range(found[0], found[0] + len(word))) if found else None
+    return [i for i, (s, e) in enumerate(offsets) if s < end and e > begin and e > s] or None
+
+
 def prompt_concept_match(model, tokenizer, prompt, concept):
     """How much a prompt is about a concept, in [0, 1]: the larger of
     - the cosine between the mean-pooled input embeddings of prompt and concept. Input embeddings, not hidden
       states: the embedding table is frozen and never behind a membrane, so the score is the same with membranes
       on or off, costs no forward pass, and does not depend on the chat template around the prompt;
-    - the share of the concept's tokens found in the prompt."""
+    - the share of the concept's tokens found in the prompt (all of them when the prompt spells the concept)."""
     embed = model.get_input_embeddings()
     prompt_ids = tokenizer(f" {prompt}", add_special_tokens=False).input_ids
-    concept_ids = tokenizer(f" {concept}", add_special_tokens=False).input_ids
+    columns = concept_columns(tokenizer, f" {prompt}", concept)
+    concept_ids = [prompt_ids[i] for i in columns] if columns else \
+        tokenizer(f" {concept}", add_special_tokens=False).input_ids
     device = embed.weight.device
     with torch.no_grad():
         prompt_vector = embed(torch.tensor(prompt_ids, device=device)).float().mean(0)
@@ -770,8 +844,9 @@ def understanding_inputs(tokenizer, model, questions, pixel_values=None):
     if pixel_values is not None:
         count = model.config.vision_config.num_image_tokens
         image = f"{tokenizer.boi_token}{tokenizer.image_token * count}{tokenizer.eoi_token}\n"
+    # Left-padded, so that the last column is every row's next token (pass position_ids=positions(mask) too).
     batch = tokenizer([f"<|User|>: {image}{q}\n\n<|Assistant|>:" for q in questions], return_tensors="pt",
-                      padding=True)
+                      padding=True, padding_side="left")
     device = next(model.parameters()).device
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 
@@ -792,7 +867,8 @@ def understanding_drift(model, tokenizer, membranes, questions, images=None):
     input_ids, mask = understanding_inputs(tokenizer, model, questions, pixel_values)
 
     def next_token_logits():
-        out = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, logits_to_keep=1)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask), pixel_values=pixel_values,
+                    logits_to_keep=1)
         return out.logits[:, -1].float()
 
     with membranes.disabled():
@@ -910,13 +986,16 @@ def known_concepts(tokenizer, concepts):
     return [c for c in concepts if unk is None or unk not in tokenizer(c, add_special_tokens=False).input_ids]
 
 
-def concept_token_positions(tokenizer, input_ids, concept):
-    """Columns of the concept's tokens (last occurrence) in each prompt row [T]; [] where it is not found."""
-    concept_ids = tokenizer(f" {concept}", add_special_tokens=False).input_ids
-    n, result = len(concept_ids), []
-    for row in input_ids.tolist():
-        hits = [i for i in range(len(row) - n, -1, -1) if row[i:i + n] == concept_ids]
-        result.append(list(range(hits[0], hits[0] + n)) if hits else [])
+def concept_token_positions(tokenizer, prompts, concepts, input_ids):
+    """Columns of each row's concept tokens (its last occurrence in the prompt) in input_ids [B, T] from
+    encode_prompts(prompts); [] where the prompt does not spell the concept."""
+    start = format_prompt("\0", tokenizer).index("\0")  # the prompt's span: never match inside the template
+    result = []
+    for prompt, concept, row in zip(prompts, concepts, input_ids.tolist()):
+        text = format_prompt(prompt, tokenizer)
+        columns = concept_columns(tokenizer, text, concept, start, start + len(prompt)) or []
+        shift = len(row) - len(tokenizer(text, add_special_tokens=False).input_ids)  # BOS and left padding
+        result.append([shift + c for c in columns])
     return result
 
 
@@ -1037,8 +1116,8 @@ class Trainer:
             rows["anchor"] = slice(len(prompts) - B, len(prompts))
         if args.anchor == "latent":
             anchor = rows["anchor"]
-            columns = [concept_token_positions(self.tokenizer, input_ids[anchor][i:i + 1], c)[0]
-                       for i, (c, _) in enumerate(picks)]
+            columns = concept_token_positions(self.tokenizer, prompts[anchor], [c for c, _ in picks],
+                                              input_ids[anchor])
             cond = cond.clone()
             for i, cols in enumerate(columns):
                 row = anchor.start + i
@@ -1399,8 +1478,8 @@ def train(args):
     check_args(args)
     device = pick_device(args.device)
     previous = check_resume(args) if args.resume else None
+    config = load_config(args.model)  # a missing model leaves no empty run directory behind
     out = prepare_out_dir(args)
-    config = load_config(args.model)
     set_threads(args.threads, config, device)
     membrane_targets(config.text_config.num_hidden_layers, args.layers, args.modules, args.attn_layer_ids,
                      args.mlp_layer_ids)  # bad layer ids fail here, before any weights load
