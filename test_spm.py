@@ -1546,3 +1546,24 @@ def test_attack_bad_input_is_one_line(toy_checkpoint, argv, needle):
     result = run_cli("attack.py", "--ckpt", str(toy_checkpoint), *argv)
     assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
         result.stderr
+
+
+def test_attack_on_a_bpe_checkpoint(bpe_janus_dir, tmp_path):
+    """attack.py's searches on a checkpoint shaped like Janus-Pro's: the discrete search with its token-level (GCG)
+    step keeps the two-token concept in every prompt, and the soft prompt runs in the BPE chat format."""
+    import attack
+    model, tokenizer = spm.load_model(str(bpe_janus_dir))
+    judge = lambda codes, prompts: ["Mickey Mouse" if int(c.sum()) % 2 == 0 else "none" for c in codes]  # a stand-in
+    args = attack.build_parser().parse_args(["--ckpt", "-", "--n", "4", "--candidates", "16", "--rounds", "2", "--top",
+                                             "2", "--gcg-steps", "2", "--steps", "2", "--restarts", "1",
+                                             "--out", str(tmp_path)])
+    target = attack.Target(model, tokenizer, judge, "Mickey Mouse", 5.0, 1.0, 4, seed=0)
+    templates = list(attack.GENERIC_TEMPLATES)
+    references = attack.concept_references(target, "Mickey Mouse", templates, 4)
+    found, _ = attack.run_attack("discrete", target, references, ["Mickey Mouse"], [], templates, args, "t")
+    assert "Mickey Mouse" in found["prompt"] and all("Mickey Mouse" in w["prompt"] for w in found["worst"])
+    swapped = attack.gcg(target, references, "a photo of Mickey Mouse", ["Mickey Mouse"], 3,
+                         torch.Generator().manual_seed(0))
+    assert swapped and all("Mickey Mouse" in p and p != "a photo of Mickey Mouse" for p in swapped)
+    soft, _ = attack.run_attack("soft", target, references, ["Mickey Mouse"], [], templates, args, "t")
+    assert soft["samples"] == 4 and (tmp_path / "soft_t.safetensors").exists()
