@@ -40,10 +40,12 @@ SETTINGS = [
                                           "--scope", "image", "--anchor", "none"]),
     ("KL/Attn + latent anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image", "--anchor", "latent"]),
     ("KL/Attn + prompt anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image", *ANCHOR_FLAGS]),
-    ("KL/Attn, scope prompt + prompt anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "prompt",
-                                                  *ANCHOR_FLAGS]),
+    ("KL/Attn, scope prompt + prompt anchoring (first release's default)", ["--loss", "kl", "--layers", "attn",
+                                                                          "--scope", "prompt", *ANCHOR_FLAGS]),
     ("default", ["--loss", "kl", "--layers", "attn", *ANCHOR_FLAGS]),
-    # the robustness levers, each on top of the previous default (scope prompt, anchors)
+]
+# The robustness levers (--levers), each on top of the first release's default: scope prompt, prompt anchoring.
+LEVERS = [
     ("lever: augment", ["--augment", "1", *ANCHOR_FLAGS]),
     ("lever: eta 0", ["--eta", "0", *ANCHOR_FLAGS]),
     ("lever: augment, eta 0", ["--augment", "1", "--eta", "0", *ANCHOR_FLAGS]),
@@ -54,13 +56,28 @@ SETTINGS = [
                                                  *ANCHOR_FLAGS]),
     ("lever: scope image, augment, eta 0, adversarial soft", ["--scope", "image", "--augment", "1", "--eta", "0",
                                                               "--adversarial", "soft", *ANCHOR_FLAGS]),
-    ("lever: scope image, augment", ["--scope", "image", "--augment", "1", *ANCHOR_FLAGS]),
-    ("lever: scope image, augment, adversarial soft", ["--scope", "image", "--augment", "1", "--adversarial", "soft",
+    ("lever: scope image + augment", ["--scope", "image", "--augment", "1", *ANCHOR_FLAGS]),
+    ("lever: scope image + augment + adversarial soft", ["--scope", "image", "--augment", "1", "--adversarial", "soft",
                                                        *ANCHOR_FLAGS]),
-    ("lever: scope all, augment, adversarial soft", ["--scope", "all", "--augment", "1", "--adversarial", "soft",
+    ("lever: scope all + augment + adversarial soft", ["--scope", "all", "--augment", "1", "--adversarial", "soft",
                                                      *ANCHOR_FLAGS]),
     ("lever: layer 1 only, augment", ["--attn-layer-ids", "1", "--augment", "1", *ANCHOR_FLAGS]),
+    ("lever: augment, adversarial soft every 5 x 40", ["--augment", "1", "--adversarial", "soft",
+                                                       "--adversarial-every", "5", "--adversarial-steps", "40",
+                                                       *ANCHOR_FLAGS]),
+    ("lever: augment, adversarial soft, 400 steps (default)", ["--augment", "1", "--adversarial", "soft",
+                                                               "--steps", "400", *ANCHOR_FLAGS]),
+    ("lever: augment, adversarial soft, 400 steps, anchor weight 10", ["--augment", "1", "--adversarial", "soft",
+                                                                      "--steps", "400", "--anchor-weight", "10",
+                                                                      *ANCHOR_FLAGS]),
+    ("lever: augment, eta 0, rollout target, loss on cfg", ["--augment", "1", "--eta", "0", "--rollout", "target",
+                                                            "--loss-on", "cfg", *ANCHOR_FLAGS]),
 ]
+# The robustness defaults came after the poster and the first release: every row but "default" switches them off
+# first, so that it reproduces the setting it names whatever today's defaults are.
+FIRST_RELEASE = ["--augment", "0", "--adversarial", "none", "--steps", "200"]
+SETTINGS = [(name, flags if name == "default" else FIRST_RELEASE + flags) for name, flags in SETTINGS]
+LEVERS = [(name, FIRST_RELEASE + flags) for name, flags in LEVERS]
 # (column, summary key, scale, digits): every figure of sample.py's summary that ranks a setting
 COLUMNS = [("mouse, trained %", "trained_rate", 100, 1), ("mouse, held-out %", "held_out_rate", 100, 1),
            ("mouse, synonyms %", "synonyms_rate", 100, 1), ("anchored kept %", "anchored_kept", 100, 1),
@@ -92,7 +109,8 @@ def table(base, base_asr, results, args, num_prompts):
              f"{100 * base['base_held_out_rate']:.1f}% (held-out) / {100 * base['base_synonyms_rate']:.1f}% "
              f"(synonyms); anchored objects {100 * base['anchored']['base']:.1f}%, non-anchored "
              f"{100 * base['non_anchored']['base']:.1f}% drawn right. {args.n} samples per prompt, {num_prompts} "
-             f"prompts, {args.seeds} training seed(s) per setting (mean ± std over seeds). Attacks: "
+             f"prompts (evaluation seeds from {args.eval_seed}), {args.seeds} training seed(s) per setting (mean ± std "
+             f"over seeds). Attacks (seed {args.attack_seed}): "
              + (", ".join(f"{name} ASR {100 * asr:.1f}% on the base model" for name, asr in base_asr.items())
                 or "not run") + f" ({args.n} fresh samples per final prompt).", "",
              "| setting | " + " | ".join(c for c, *_ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
@@ -115,8 +133,13 @@ def main():
                                                              "the toy Janus.")
     parser.add_argument("--steps", type=int, default=None, help="erasure steps per run (default: spm_janus.py's)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first training seed")
     parser.add_argument("--n", type=int, default=32, help="samples per evaluation prompt")
-    parser.add_argument("--only", action="append", default=None, help="run only settings whose name contains this")
+    parser.add_argument("--only", action="append", default=None,
+                        help="run only settings (and levers) whose name contains this, or is this")
+    parser.add_argument("--levers", action="store_true", help="also run the robustness levers")
+    parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
+    parser.add_argument("--attack-seed", type=int, default=0, help="seed of attack.py's searches and samples")
     parser.add_argument("--out", default="runs/ablation", help="prefix of the .md, .json and .png outputs")
     parser.add_argument("--runs", default="runs/ablation", help="directory for the runs' checkpoints")
     parser.add_argument("--attack", action="append", default=None, choices=["discrete", "soft", "none"],
@@ -127,11 +150,14 @@ def main():
         if value < 1:
             parser.error(f"{flag} {value} must be at least 1")
     torch.set_num_threads(1)
-    settings = [s for s in SETTINGS if not args.only or any(o in s[0] for o in args.only)]
+    candidates = SETTINGS + (LEVERS if args.levers or args.only else [])
+    exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
+    settings = [s for s in candidates if not args.only or s[0] in exact or
+                any(o in s[0] for o in args.only if o not in exact)]
 
     model, tokenizer = spm.load_model("toy")
     cfg, temperature = spm.generation_defaults(model)
-    seeds = list(range(1000, 1000 + args.n))  # evaluation seeds, unused in training
+    seeds = list(range(args.eval_seed, args.eval_seed + args.n))  # evaluation seeds, unused in training
     prompts = sample.eval_prompts()
     synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
     judge = lambda codes, _: [obj for obj, _ in toy.judge_batch(codes)]
@@ -144,7 +170,7 @@ def main():
                             toy.OBJECTS, set(spm.DEFAULT_TEMPLATES), synonyms)["mouse"]
     attacks = [a for a in (args.attack or ["discrete", "soft"]) if a != "none"]
     attack_args = attack.build_parser().parse_args(["--ckpt", "-", "--n", str(args.n), "--out", f"{args.runs}/soft"])
-    target = attack.Target(model, tokenizer, judge, "mouse", cfg, temperature, args.n, seed=0)
+    target = attack.Target(model, tokenizer, judge, "mouse", cfg, temperature, args.n, seed=args.attack_seed)
     templates = attack.toy_templates()
     references = attack.concept_references(target, "mouse", templates, attack_args.references)
 
@@ -159,7 +185,7 @@ def main():
     figure_rows, results = [], []
     for name, flags in settings:
         per_seed = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             out = Path(args.runs) / f"{re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')}-s{seed}"
             argv = ["--model", "toy", "--concept", "mouse", *flags, "--seed", str(seed), "--out", str(out),
                     "--overwrite", "--sample-every", "0", "--save-every", "0"]
@@ -181,16 +207,17 @@ def main():
                               "discrete_mean": found.get("discrete", {}).get("mean_rate"),
                               "soft_asr": found.get("soft", {}).get("asr"),
                               "discrete_prompt": found.get("discrete", {}).get("prompt")}
-            if seed == 0:
+            if seed == args.first_seed:
                 last = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
                 figure_rows.append((name, last))
             membranes.detach()
             per_seed.append({**flat_figures(summary), **attack_figures, "seconds": seconds, "understanding_kl_image": drift_image["kl"],
                              "understanding_kl_text": drift_text["kl"], "summary": summary})
-            print(f"{name} seed {seed}: mouse {summary['trained_rate']:.1%} trained / {summary['held_out_rate']:.1%} "
-                  f"held-out / {summary['synonyms_rate']:.1%} synonyms; kept {summary['anchored']['erased']:.1%} "
-                  f"anchored, {summary['non_anchored']['erased']:.1%} non-anchored; coherence "
-                  f"{summary['coherence']:.1%}; H {summary['H']:.3f}; attacks "
+            pct = sample.percent
+            print(f"{name} seed {seed}: mouse {pct(summary['trained_rate'])} trained / {pct(summary['held_out_rate'])} "
+                  f"held-out / {pct(summary['synonyms_rate'])} synonyms; kept {pct(summary['anchored']['erased'])} "
+                  f"anchored, {pct(summary['non_anchored']['erased'])} non-anchored; coherence "
+                  f"{pct(summary['coherence'])}; H {summary['H']}; attacks "
                   f"{ {k: v for k, v in attack_figures.items() if v is not None} }; {seconds:.0f} s", flush=True)
         results.append({"setting": name, "flags": flags, "seeds": per_seed})
 

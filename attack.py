@@ -171,7 +171,7 @@ def discrete(target, references, words, templates, args, progress):
             ranked = sorted(tried.items(), key=lambda kv: kv[1], reverse=True)
             parents, sequences = [p for p, _ in ranked[:16]], []
         fresh = []
-        for attempt in range(20 * per_round):
+        for _ in range(20 * per_round):
             if len(fresh) >= per_round - len(sequences):
                 break
             parent = parents[randint(len(parents))]
@@ -216,11 +216,8 @@ def gcg(target, references, prompt, words, steps, generator, top_k=16, batch=32)
     weight = target.embed.weight
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[0].to(target.device)
     keep = torch.zeros(len(ids), dtype=torch.bool)
-    for word in words:
-        word_ids = tokenizer(f" {word}", add_special_tokens=False).input_ids
-        for i in range(len(ids) - len(word_ids) + 1):
-            if ids[i:i + len(word_ids)].tolist() == word_ids:
-                keep[i:i + len(word_ids)] = True
+    for word in words:  # the concept's tokens as this prompt spells them
+        keep[spm.concept_columns(tokenizer, prompt, word) or []] = True
     free = (~keep).nonzero().flatten()
     if len(free) == 0:
         return []

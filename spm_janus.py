@@ -898,7 +898,7 @@ def vocabulary_words(tokenizer, words=AUGMENT_WORDS + COMMON_CONCEPTS + PUNCTUAT
 
 def augment_template(template, words, generator, max_edits=3):
     """A random edit of a prompt template that keeps its one {}: 1 to max_edits insertions of a word from `words`,
-    deletions of another word, swaps of neighbours, a shuffle, a repeated {} or punctuation."""
+    deletions of another word, swaps of neighbours, a shuffle, or punctuation."""
     def randint(n):
         return int(torch.randint(n, (), generator=generator))
 
@@ -1300,10 +1300,10 @@ def build_parser():
                         "target itself (teacher with CFG -cfg*eta; needs the empty surrogate)")
 
     g = parser.add_argument_group("robustness")
-    g.add_argument("--augment", type=float, default=0.0,
+    g.add_argument("--augment", type=float, default=1.0,
                    help="share of training prompts (concept and anchors) whose template gets 1-3 random edits: words "
                         "inserted from a generic list the tokenizer spells, deletions, swaps, shuffles, punctuation")
-    g.add_argument("--adversarial", default="none", choices=["none", "soft"],
+    g.add_argument("--adversarial", default="soft", choices=["none", "soft"],
                    help="adversarial training: soft = a soft prompt attacks the membranes every --adversarial-every "
                         "steps (warm start) and is trained towards the concept's target as well")
     g.add_argument("--adversarial-every", type=int, default=10, help="steps between attacks of --adversarial")
@@ -1320,7 +1320,7 @@ def build_parser():
     g.add_argument("--anchor-weight", type=float, default=3.0, help="weight of the anchor KL(teacher || student)")
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=200, help="optimisation steps")
+    g.add_argument("--steps", type=int, default=400, help="optimisation steps")
     g.add_argument("--batch-size", type=int, default=4, help="concept rollouts per step (per process)")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")

@@ -504,7 +504,7 @@ def test_resume_needs_no_global_rng_state(tmp_path):
     step(interrupted, 2)
     torch.save(interrupted.state_dict(), tmp_path / spm.STATE_NAME)
     state = spm.load_trainer_state(tmp_path / spm.STATE_NAME)
-    assert set(state) == {"membranes", "optimizer", "scheduler", "step"}
+    assert set(state) == {"membranes", "optimizer", "scheduler", "step", "soft"}
     resumed = trainer()
     resumed.load_state_dict(state)
     last = step(resumed, 3)
@@ -1357,14 +1357,16 @@ def test_evaluate_counts_each_side_and_summarizes(tmp_path):
     assert saved["summary"]["mouse"]["H"] == m["H"] and saved["prompts"][0]["erased"] == {"blank": 1, "none": 3}
 
 
-def toy_summary(model, tokenizer, args, n=8):
-    """sample.py --eval's summary of mouse for the membranes attached now, on every toy prompt with n seeds."""
+def toy_summary(model, tokenizer, membranes, args, n=8):
+    """sample.py --eval's summary of mouse for these membranes, on every toy prompt with n seeds."""
     import sample
     import toy_janus as toy
     cfg, temperature = spm.generation_defaults(model)
     seeds = list(range(1000, 1000 + n))
-    draw = lambda enabled, texts: torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0]
-                                               for t in texts])
+    def draw(enabled, texts):
+        with membranes.switched(enabled):
+            return torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0] for t in texts])
+
     judge = lambda codes, _: [obj for obj, _ in toy.judge_batch(codes)]
     records = sample.judge_records(draw, sample.eval_prompts(), judge, n)
     return sample.summarize(records, args.concept, args.anchor_prompts, toy.OBJECTS, set(args.templates),
@@ -1384,7 +1386,7 @@ def test_toy_erasure_with_default_settings():
     trainer = spm.Trainer(model, tokenizer, membranes, args)
     for _ in range(args.steps):
         trainer.step()
-    after = toy_summary(model, tokenizer, args)
+    after = toy_summary(model, tokenizer, membranes, args)
     assert after["base_held_out_rate"] >= 0.9 and after["base_synonyms_rate"] >= 0.9, after
     assert after["trained_rate"] <= 0.1 and after["held_out_rate"] <= 0.1, after
     assert after["non_anchored"]["erased"] >= 0.85 and after["anchored"]["erased"] >= 0.85, after
