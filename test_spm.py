@@ -1547,10 +1547,12 @@ def test_discrete_attack_finds_the_concept_through_the_base_model(toy_checkpoint
 @pytest.mark.parametrize("argv,needle", [(["--n", "0"], "--n 0 must be at least 1"),
                                          (["--concept", "unicorn"], "no toy object"),
                                          (["--lr", "0"], "--lr 0 must be positive")])
-def test_attack_bad_input_is_one_line(toy_checkpoint, argv, needle):
-    result = run_cli("attack.py", "--ckpt", str(toy_checkpoint), *argv)
-    assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
-        result.stderr
+def test_attack_bad_input_is_one_line(toy_checkpoint, argv, needle, capsys):
+    import attack
+    with pytest.raises(SystemExit) as exit_:
+        attack.main(["--ckpt", str(toy_checkpoint), *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_attack_on_a_bpe_checkpoint(bpe_janus_dir, tmp_path):
@@ -1572,3 +1574,16 @@ def test_attack_on_a_bpe_checkpoint(bpe_janus_dir, tmp_path):
     assert swapped and all("Mickey Mouse" in p and p != "a photo of Mickey Mouse" for p in swapped)
     soft, _ = attack.run_attack("soft", target, references, ["Mickey Mouse"], [], templates, args, "t")
     assert soft["samples"] == 4 and (tmp_path / "soft_t.safetensors").exists()
+
+
+def test_adversarial_soft_prompt_enters_the_erase_loss():
+    """The soft prompt's rows are trained towards the concept's target: the erase term averages both."""
+    erase = {}
+    for adversarial in ("none", "soft"):
+        model, tokenizer = tiny()
+        membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+        randomise(membranes)
+        args = train_args(adversarial=adversarial, adversarial_steps=2, anchor="none", batch_size=1)
+        trainer = spm.Trainer(model, tokenizer, membranes, args)
+        erase[adversarial] = trainer.step()["erase"]
+    assert erase["soft"] != pytest.approx(erase["none"], rel=1e-3)
