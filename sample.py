@@ -130,11 +130,11 @@ def eval_prompts():
 
 
 def user_eval_prompt(prompt, objects, synonyms):
-    """An EvalPrompt for a prompt the user typed: the first object word or synonym in it names the object."""
-    for word in prompt.split():
-        obj = word if word in objects else synonyms.get(word)
-        if obj is not None:
-            return EvalPrompt(prompt, obj, word, " ".join("{}" if w == word else w for w in prompt.split()))
+    """An EvalPrompt for a prompt the user typed: the object (a label of one or more words) or synonym in it."""
+    padded = f" {prompt} "
+    for word, obj in [(o, o) for o in objects] + list(synonyms.items()):
+        if f" {word} " in padded:
+            return EvalPrompt(prompt, obj, word, padded.replace(f" {word} ", " {} ", 1).strip())
     return EvalPrompt(prompt, None, None, prompt)
 
 

@@ -1587,3 +1587,13 @@ def test_adversarial_soft_prompt_enters_the_erase_loss():
         trainer = spm.Trainer(model, tokenizer, membranes, args)
         erase[adversarial] = trainer.step()["erase"]
     assert erase["soft"] != pytest.approx(erase["none"], rel=1e-3)
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("a photo of Mickey Mouse", ("Mickey Mouse", "Mickey Mouse", "a photo of {}")),
+    ("a red rodent", ("mouse", "rodent", "a red {}")), ("a mouse", ("mouse", "mouse", "a {}")),
+    ("a tree", (None, None, "a tree"))])
+def test_a_typed_eval_prompt_finds_its_object_word_or_synonym(prompt, expected):
+    import sample
+    found = sample.user_eval_prompt(prompt, ["mouse", "Mickey Mouse"], {"rodent": "mouse"})
+    assert (found.object, found.word, found.template) == expected
