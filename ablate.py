@@ -7,7 +7,7 @@ The erasure benchmark on the toy Janus: erase "mouse" with each setting at one s
 One fixed protocol for every setting: the settings that anchor name cat, car and tree explicitly, so dog, bird, fish
 and house are never anchored and measure specificity on concepts nobody protected. Each setting trains with
 spm_janus.py's own train() (in this process), then samples every toy prompt (objects and their synonyms x templates)
-with the same evaluation seeds, and sample.py's summary turns the exact judge's labels into the figures of the table.
+with the same evaluation seeds, and evaluation.py's summary turns the exact judge's labels into the figures of the table.
 """
 import json
 import re
@@ -18,67 +18,58 @@ from pathlib import Path
 import torch
 
 import attack
-import sample
+import evaluation
+import inference
 import spm_janus as spm
 import toy_janus as toy
 
 ANCHORS = ("cat", "car", "tree")  # the benchmark's anchored objects; the other four are never anchored
-ANCHOR_FLAGS = ["--anchor", "prompts"] + [f for a in ANCHORS for f in ("--anchor-prompts", a)]
-# (name, flags). The poster's membranes acted on the image positions and trained without anchoring, so its settings
-# get --scope image --anchor none; the anchoring rows add the benchmark's anchors back.
+ANCHORED = dict(anchor="prompts", anchor_prompts=list(ANCHORS))
+POSTER = dict(scope="image", anchor="none")  # the poster's membranes acted on the image positions, no anchoring
+# (name, Config settings). The anchoring rows add the benchmark's anchors back to the poster's settings.
 SETTINGS = [
-    ("MSE/MLP (all)", ["--loss", "mse", "--layers", "mlp", "--scope", "image", "--anchor", "none"]),
-    ("MSE/Attn", ["--loss", "mse", "--layers", "attn", "--scope", "image", "--anchor", "none"]),
-    ("KL/Attn", ["--loss", "kl", "--layers", "attn", "--scope", "image", "--anchor", "none"]),
-    ("KL/Attn, scope prompt", ["--loss", "kl", "--layers", "attn", "--scope", "prompt", "--anchor", "none"]),
-    ("KL/Attn, scope all (+text encoder)", ["--loss", "kl", "--layers", "attn", "--scope", "all", "--anchor", "none"]),
-    ("KL/Attn+MLP (all)", ["--loss", "kl", "--layers", "attn+mlp", "--scope", "image", "--anchor", "none"]),
+    ("MSE/MLP (all)", dict(POSTER, loss="mse", layers="mlp")),
+    ("MSE/Attn", dict(POSTER, loss="mse", layers="attn")),
+    ("KL/Attn", dict(POSTER, loss="kl", layers="attn")),
+    ("KL/Attn, scope prompt", dict(POSTER, loss="kl", layers="attn", scope="prompt")),
+    ("KL/Attn, scope all (+text encoder)", dict(POSTER, loss="kl", layers="attn", scope="all")),
+    ("KL/Attn+MLP (all)", dict(POSTER, loss="kl", layers="attn+mlp")),
     # The toy has 2 decoder layers, so "7 modules" is read as the 7 projections (q,k,v,o,gate,up,down) of layer 0.
-    ("KL/Attn+MLP (7 modules)", ["--loss", "kl", "--layers", "attn+mlp", "--attn-layer-ids", "0",
-                                 "--mlp-layer-ids", "0", "--scope", "image", "--anchor", "none"]),
-    ("KL/Attn, substitute 'real mouse'", ["--loss", "kl", "--layers", "attn", "--surrogate", "real mouse",
-                                          "--scope", "image", "--anchor", "none"]),
-    ("KL/Attn + latent anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image", "--anchor", "latent"]),
-    ("KL/Attn + prompt anchoring", ["--loss", "kl", "--layers", "attn", "--scope", "image", *ANCHOR_FLAGS]),
-    ("KL/Attn, scope prompt + prompt anchoring (first release's default)", ["--loss", "kl", "--layers", "attn",
-                                                                          "--scope", "prompt", *ANCHOR_FLAGS]),
-    ("default", ["--loss", "kl", "--layers", "attn", *ANCHOR_FLAGS]),
+    ("KL/Attn+MLP (7 modules)", dict(POSTER, loss="kl", layers="attn+mlp", attn_layer_ids="0", mlp_layer_ids="0")),
+    ("KL/Attn, substitute 'real mouse'", dict(POSTER, loss="kl", layers="attn", surrogate="real mouse")),
+    ("KL/Attn + latent anchoring", dict(POSTER, loss="kl", layers="attn", anchor="latent")),
+    ("KL/Attn + prompt anchoring", dict(POSTER, loss="kl", layers="attn", **ANCHORED)),
+    ("KL/Attn, scope prompt + prompt anchoring (first release's default)", dict(loss="kl", layers="attn",
+                                                                              scope="prompt", **ANCHORED)),
+    ("default", dict(loss="kl", layers="attn", **ANCHORED)),
 ]
 # The robustness levers (--levers), each on top of the first release's default: scope prompt, prompt anchoring.
 LEVERS = [
-    ("lever: augment", ["--augment", "1", *ANCHOR_FLAGS]),
-    ("lever: eta 0", ["--eta", "0", *ANCHOR_FLAGS]),
-    ("lever: augment, eta 0", ["--augment", "1", "--eta", "0", *ANCHOR_FLAGS]),
-    ("lever: augment, adversarial soft", ["--augment", "1", "--adversarial", "soft", *ANCHOR_FLAGS]),
-    ("lever: augment, eta 0, adversarial soft", ["--augment", "1", "--eta", "0", "--adversarial", "soft",
-                                                 *ANCHOR_FLAGS]),
-    ("lever: augment, eta 0.5, rollout target", ["--augment", "1", "--eta", "0.5", "--rollout", "target",
-                                                 *ANCHOR_FLAGS]),
-    ("lever: scope image, augment, eta 0, adversarial soft", ["--scope", "image", "--augment", "1", "--eta", "0",
-                                                              "--adversarial", "soft", *ANCHOR_FLAGS]),
-    ("lever: scope image + augment", ["--scope", "image", "--augment", "1", *ANCHOR_FLAGS]),
-    ("lever: scope image + augment + adversarial soft", ["--scope", "image", "--augment", "1", "--adversarial", "soft",
-                                                       *ANCHOR_FLAGS]),
-    ("lever: scope all + augment + adversarial soft", ["--scope", "all", "--augment", "1", "--adversarial", "soft",
-                                                     *ANCHOR_FLAGS]),
-    ("lever: layer 1 only, augment", ["--attn-layer-ids", "1", "--augment", "1", *ANCHOR_FLAGS]),
-    ("lever: augment, adversarial soft every 5 x 40", ["--augment", "1", "--adversarial", "soft",
-                                                       "--adversarial-every", "5", "--adversarial-steps", "40",
-                                                       *ANCHOR_FLAGS]),
-    ("lever: augment, adversarial soft, 400 steps (default)", ["--augment", "1", "--adversarial", "soft",
-                                                               "--steps", "400", *ANCHOR_FLAGS]),
-    ("lever: augment, adversarial soft, 400 steps, anchor weight 10", ["--augment", "1", "--adversarial", "soft",
-                                                                      "--steps", "400", "--anchor-weight", "10",
-                                                                      *ANCHOR_FLAGS]),
-    ("lever: augment, eta 0, rollout target, loss on cfg", ["--augment", "1", "--eta", "0", "--rollout", "target",
-                                                            "--loss-on", "cfg", *ANCHOR_FLAGS]),
+    ("lever: augment", dict(augment=1)),
+    ("lever: eta 0", dict(eta=0)),
+    ("lever: augment, eta 0", dict(augment=1, eta=0)),
+    ("lever: augment, adversarial soft", dict(augment=1, adversarial="soft")),
+    ("lever: augment, eta 0, adversarial soft", dict(augment=1, eta=0, adversarial="soft")),
+    ("lever: augment, eta 0.5, rollout target", dict(augment=1, eta=0.5, rollout="target")),
+    ("lever: scope image, augment, eta 0, adversarial soft", dict(scope="image", augment=1, eta=0,
+                                                                  adversarial="soft")),
+    ("lever: scope image + augment", dict(scope="image", augment=1)),
+    ("lever: scope image + augment + adversarial soft", dict(scope="image", augment=1, adversarial="soft")),
+    ("lever: scope all + augment + adversarial soft", dict(scope="all", augment=1, adversarial="soft")),
+    ("lever: layer 1 only, augment", dict(attn_layer_ids="1", augment=1)),
+    ("lever: augment, adversarial soft every 5 x 40", dict(augment=1, adversarial="soft", adversarial_every=5,
+                                                           adversarial_steps=40)),
+    ("lever: augment, adversarial soft, 400 steps (default)", dict(augment=1, adversarial="soft", steps=400)),
+    ("lever: augment, adversarial soft, 400 steps, anchor weight 10", dict(augment=1, adversarial="soft", steps=400,
+                                                                          anchor_weight=10)),
+    ("lever: augment, eta 0, rollout target, loss on cfg", dict(augment=1, eta=0, rollout="target", loss_on="cfg")),
 ]
 # The robustness defaults came after the poster and the first release: every row but "default" switches them off
 # first, so that it reproduces the setting it names whatever today's defaults are.
-FIRST_RELEASE = ["--augment", "0", "--adversarial", "none", "--steps", "200"]
-SETTINGS = [(name, flags if name == "default" else FIRST_RELEASE + flags) for name, flags in SETTINGS]
-LEVERS = [(name, FIRST_RELEASE + flags) for name, flags in LEVERS]
-# (column, summary key, scale, digits): every figure of sample.py's summary that ranks a setting
+FIRST_RELEASE = dict(augment=0, adversarial="none", steps=200)
+SETTINGS = [(name, settings if name == "default" else {**FIRST_RELEASE, **settings}) for name, settings in SETTINGS]
+LEVERS = [(name, {**FIRST_RELEASE, **ANCHORED, **settings}) for name, settings in LEVERS]
+# (column, summary key, scale, digits): every figure of evaluation.py's summary that ranks a setting
 COLUMNS = [("mouse, trained %", "trained_rate", 100, 1), ("mouse, held-out %", "held_out_rate", 100, 1),
            ("mouse, synonyms %", "synonyms_rate", 100, 1), ("anchored kept %", "anchored_kept", 100, 1),
            ("non-anchored kept %", "non_anchored_kept", 100, 1), ("coherence %", "coherence", 100, 1),
@@ -88,7 +79,7 @@ COLUMNS = [("mouse, trained %", "trained_rate", 100, 1), ("mouse, held-out %", "
 
 
 def flat_figures(summary):
-    """The per-seed figures of one setting that the table shows, from sample.summarize()'s summary of mouse."""
+    """The per-seed figures of one setting that the table shows, from evaluation.summarize()'s summary of mouse."""
     return {"trained_rate": summary["trained_rate"], "held_out_rate": summary["held_out_rate"],
             "synonyms_rate": summary["synonyms_rate"], "anchored_kept": summary["anchored"]["erased"],
             "non_anchored_kept": summary["non_anchored"]["erased"],
@@ -158,7 +149,7 @@ def main():
     model, tokenizer = spm.load_model("toy")
     cfg, temperature = spm.generation_defaults(model)
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))  # evaluation seeds, unused in training
-    prompts = sample.eval_prompts()
+    prompts = evaluation.eval_prompts()
     synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
     judge = lambda codes, _: [obj for obj, _ in toy.judge_batch(codes)]
 
@@ -166,7 +157,7 @@ def main():
         return torch.stack([spm.sample_prompts(model, tokenizer, [p], seeds, cfg, temperature)[0] for p in text_prompts])
 
     base_codes = draw(False, [p.prompt for p in prompts])
-    base = sample.summarize(sample.judge_records(lambda *_: base_codes, prompts, judge, args.n), ["mouse"], ANCHORS,
+    base = evaluation.summarize(evaluation.judge_records(lambda *_: base_codes, prompts, judge, args.n), ["mouse"], ANCHORS,
                             toy.OBJECTS, set(spm.DEFAULT_TEMPLATES), synonyms)["mouse"]
     attacks = [a for a in (args.attack or ["discrete", "soft"]) if a != "none"]
     attack_args = attack.build_parser().parse_args(["--ckpt", "-", "--n", str(args.n), "--out", f"{args.runs}/soft"])
@@ -183,25 +174,23 @@ def main():
     figure_prompts = ["a mouse", "a rodent", "a cat", "a dog"]
     step0 = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
     figure_rows, results = [], []
-    for name, flags in settings:
+    for name, overrides in settings:
         per_seed = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             out = Path(args.runs) / f"{re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')}-s{seed}"
-            argv = ["--model", "toy", "--concept", "mouse", *flags, "--seed", str(seed), "--out", str(out),
-                    "--overwrite", "--sample-every", "0", "--save-every", "0"]
-            argv += ["--steps", str(args.steps)] if args.steps else []
+            config = spm.Config(**{**overrides, "model": "toy", "concept": ["mouse"], "seed": seed, "out": str(out),
+                                   "sample_every": 0, "save_every": 0, **({"steps": args.steps} if args.steps else {})})
             started = time.time()
-            run_args = spm.build_parser().parse_args(argv)
-            spm.train(run_args)
+            run = spm.train(config, overwrite=True)
             seconds = time.time() - started
             membranes, _ = spm.load_membranes(out / spm.CHECKPOINT_NAME, model, tokenizer)
-            records = sample.judge_records(draw, prompts, judge, args.n, base_codes)
-            summary = sample.summarize(records, ["mouse"], run_args.anchor_prompts or [], toy.OBJECTS,
-                                       set(run_args.templates), synonyms)["mouse"]
+            records = evaluation.judge_records(draw, prompts, judge, args.n, base_codes)
+            summary = evaluation.summarize(records, ["mouse"], run.anchor_prompts or [], toy.OBJECTS,
+                                       set(run.templates), synonyms)["mouse"]
             pictures = spm.decode_images(model, base_codes[::27, 0])  # one base picture of every eighth prompt
-            drift_image = spm.understanding_drift(model, tokenizer, membranes, ["is there a mouse ?"] * len(pictures),
+            drift_image = inference.understanding_drift(model, tokenizer, membranes, ["is there a mouse ?"] * len(pictures),
                                                   pictures)
-            drift_text = spm.understanding_drift(model, tokenizer, membranes, [p.prompt for p in prompts[::4]])
+            drift_text = inference.understanding_drift(model, tokenizer, membranes, [p.prompt for p in prompts[::4]])
             found = attacked(out.name)
             attack_figures = {"discrete_asr": found.get("discrete", {}).get("asr"),
                               "discrete_mean": found.get("discrete", {}).get("mean_rate"),
@@ -213,13 +202,13 @@ def main():
             membranes.detach()
             per_seed.append({**flat_figures(summary), **attack_figures, "seconds": seconds, "understanding_kl_image": drift_image["kl"],
                              "understanding_kl_text": drift_text["kl"], "summary": summary})
-            pct = sample.percent
+            pct = evaluation.percent
             print(f"{name} seed {seed}: mouse {pct(summary['trained_rate'])} trained / {pct(summary['held_out_rate'])} "
                   f"held-out / {pct(summary['synonyms_rate'])} synonyms; kept {pct(summary['anchored']['erased'])} "
                   f"anchored, {pct(summary['non_anchored']['erased'])} non-anchored; coherence "
                   f"{pct(summary['coherence'])}; H {summary['H']}; attacks "
                   f"{ {k: v for k, v in attack_figures.items() if v is not None} }; {seconds:.0f} s", flush=True)
-        results.append({"setting": name, "flags": flags, "seeds": per_seed})
+        results.append({"setting": name, "settings": overrides, "seeds": per_seed})
 
     lines = table(base, base_asr, results, args, len(prompts))
     out = Path(args.out)

@@ -2,7 +2,7 @@
 Red-team an erasure: search for prompts that bring the erased concept back, and report the worst case.
 
     python attack.py --ckpt runs/m/membranes.safetensors --json attack.json
-    python attack.py --ckpt runs/m/membranes.safetensors --attack soft --steps 300 --n 32
+    python attack.py --ckpt runs/m/membranes.safetensors --attack soft --soft-steps 300 --n 32
 
 Attacks (each runs against the erased model, membranes on, and against the base model, membranes off, as a check
 that it can find the concept at all):
@@ -11,7 +11,7 @@ that it can find the concept at all):
   that mutate the best so far, screened by the likelihood of concept pictures and a few samples each; for a large
   BPE vocabulary also a gradient-guided token search (GCG-style swaps). The best screened prompts are sampled again
   with fresh seeds, and the best of those once more with other fresh seeds: a screened maximum is biased upwards.
-- soft: --tokens free input embeddings in place of the prompt text, in Janus' chat format, optimised with Adam to
+- soft: --soft-tokens free input embeddings in place of the prompt text, in Janus' chat format, optimised with Adam to
   maximise the likelihood of concept pictures (the base model's own samples) under the attacked model; then
   sampled with fresh seeds. The soft prompt is saved with safetensors for replay.
 - synonyms: every evaluation template with each of the concept's other words (the toy's synonyms, or --words).
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-import sample
+import evaluation
+import inference
 import spm_janus as spm
 
 ATTACKS = ("discrete", "soft", "synonyms")
@@ -64,11 +65,12 @@ def build_parser():
     g.add_argument("--gcg-steps", type=int, default=None,
                    help="gradient-guided token-swap steps (default: 0 for a vocabulary of up to 1000 tokens, else 50)")
 
-    g = parser.add_argument_group("soft")
-    g.add_argument("--tokens", type=int, default=4, help="soft prompt length")
-    g.add_argument("--steps", type=int, default=300, help="Adam steps of the soft prompt")
-    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the soft prompt")
-    g.add_argument("--restarts", type=int, default=2, help="random restarts; the most likely soft prompt is kept")
+    g = parser.add_argument_group("soft (the --soft- flags were --tokens, --steps, --lr and --restarts before; "
+                                  "--steps is still read as --soft-steps)")
+    g.add_argument("--soft-tokens", type=int, default=4, help="soft prompt length")
+    g.add_argument("--soft-steps", "--steps", type=int, default=300, help="Adam steps of the soft prompt")
+    g.add_argument("--soft-lr", type=float, default=1e-2, help="Adam learning rate of the soft prompt")
+    g.add_argument("--soft-restarts", type=int, default=2, help="random restarts; the most likely soft prompt is kept")
 
     g = parser.add_argument_group("judge and output")
     g.add_argument("--judge", default="toy", choices=["toy", "clip", "janus"], help="as in sample.py --eval")
@@ -81,13 +83,20 @@ def build_parser():
 def check_args(args):
     for flag, value, least in (("--n", args.n, 1), ("--references", args.references, 1),
                                ("--candidates", args.candidates, 1), ("--rounds", args.rounds, 1),
-                               ("--screen-n", args.screen_n, 0), ("--top", args.top, 1), ("--tokens", args.tokens, 1),
-                               ("--steps", args.steps, 0), ("--restarts", args.restarts, 1),
+                               ("--screen-n", args.screen_n, 0), ("--top", args.top, 1), ("--soft-tokens", args.soft_tokens, 1),
+                               ("--soft-steps", args.soft_steps, 0), ("--soft-restarts", args.soft_restarts, 1),
                                ("--gcg-steps", args.gcg_steps or 0, 0)):
         if value < least:
             raise spm.SPMError(f"{flag} {value} must be at least {least}", 2)
-    if args.lr <= 0:
-        raise spm.SPMError(f"--lr {args.lr:g} must be positive", 2)
+    if args.soft_lr <= 0:
+        raise spm.SPMError(f"--soft-lr {args.soft_lr:g} must be positive", 2)
+
+
+def cfg_log_likelihood(model, prompt_embeds, uncond_embeds, attention_mask, codes, cfg, temperature):
+    """spm.code_log_likelihood [B] from one teacher-forced pass over the conditional and unconditional rows."""
+    logits = spm.image_logits(model, torch.cat([prompt_embeds, uncond_embeds]), torch.cat([attention_mask] * 2),
+                              torch.cat([codes] * 2))
+    return spm.code_log_likelihood(*logits.chunk(2), codes, cfg, temperature)
 
 
 class Target:
@@ -126,7 +135,7 @@ class Target:
             rows = [p for p in chunk for _ in range(len(references))]
             ids, mask = spm.encode_prompts(self.tokenizer, rows, self.device)
             codes = references.repeat(len(chunk), 1)
-            ll = spm.cfg_log_likelihood(self.model, self.embed(ids), self.embed(spm.unconditional_ids(ids, self.tokenizer)),
+            ll = cfg_log_likelihood(self.model, self.embed(ids), self.embed(spm.unconditional_ids(ids, self.tokenizer)),
                                         mask, codes, self.cfg, self.temperature)
             scores += ll.view(len(chunk), -1).mean(1).tolist()
         return scores
@@ -233,7 +242,7 @@ def gcg(target, references, prompt, words, steps, generator, top_k=16, batch=32)
         full_ids = torch.cat([head.expand(b, -1), ids.expand(b, -1), tail.expand(b, -1)], 1)
         uncond = target.embed(spm.unconditional_ids(full_ids, tokenizer))
         mask = torch.ones(full_ids.shape, dtype=torch.long, device=target.device)
-        ll = spm.cfg_log_likelihood(model, full.repeat_interleave(rows, 0), uncond.repeat_interleave(rows, 0),
+        ll = cfg_log_likelihood(model, full.repeat_interleave(rows, 0), uncond.repeat_interleave(rows, 0),
                                     mask.repeat_interleave(rows, 0), references.repeat(b, 1), target.cfg,
                                     target.temperature)
         return -ll.view(b, rows).mean(1)
@@ -261,10 +270,10 @@ def gcg(target, references, prompt, words, steps, generator, top_k=16, batch=32)
 def soft(target, references, args, out_dir, tag, progress):
     """The soft-prompt attack. Returns the attack record's fields."""
     best = None
-    for restart in range(args.restarts):
+    for restart in range(args.soft_restarts):
         generator = torch.Generator().manual_seed(spm.derived_seed(args.seed, "soft", restart))
-        found, ll = spm.optimise_soft_prompt(target.model, target.tokenizer, references, args.tokens, args.steps,
-                                             args.lr, target.cfg, target.temperature, generator)
+        found, ll = spm.optimise_soft_prompt(target.model, target.tokenizer, references, args.soft_tokens,
+                                             args.soft_steps, args.soft_lr, target.cfg, target.temperature, generator)
         if best is None or ll > best[1]:
             best = (found, ll)
         progress.update(1)
@@ -285,9 +294,9 @@ def soft(target, references, args, out_dir, tag, progress):
     from safetensors.torch import save_file
 
     spm.save_atomic(path, lambda tmp: save_file({"soft_prompt": found.cpu().contiguous()}, tmp,
-                                                metadata={"format": "spm-janus soft prompt", "tokens": str(args.tokens),
+                                                metadata={"format": "spm-janus soft prompt", "tokens": str(args.soft_tokens),
                                                           "log_likelihood": str(best[1])}))
-    return {"asr": rate, "samples": n, "prompt": f"<{args.tokens} soft tokens, nearest words: {words}>",
+    return {"asr": rate, "samples": n, "prompt": f"<{args.soft_tokens} soft tokens, nearest words: {words}>",
             "worst": [{"prompt": f"<soft prompt {path}>", "rate": rate}], "log_likelihood": best[1],
             "soft_prompt": str(path)}
 
@@ -325,7 +334,7 @@ def run_attack(name, target, references, words, other_words, templates, args, ta
     from tqdm import tqdm
 
     started = time.time()
-    total = {"discrete": args.rounds, "soft": args.restarts, "synonyms": 1}[name]
+    total = {"discrete": args.rounds, "soft": args.soft_restarts, "synonyms": 1}[name]
     with tqdm(total=total, desc=f"{name} ({tag})", leave=False, dynamic_ncols=True, file=sys.stderr) as progress:
         if name == "discrete":
             found = discrete(target, references, words, templates, args, progress)
@@ -349,19 +358,19 @@ def print_results(results, concept, args):
 
 def run(args):
     check_args(args)
-    metadatas = [spm.read_checkpoint(path)[1] for path in args.ckpt]
-    config = metadatas[0]["config"]
-    model_name = args.model or config.get("model")
-    concept = args.concept or config["concept"][0]
+    configs = [spm.Config.from_dict(spm.read_checkpoint(path)[1]["config"]) for path in args.ckpt]
+    config = configs[0]
+    model_name = args.model or config.model
+    concept = args.concept or config.concept[0]
     synonyms_of = {}
     if args.judge == "toy":
-        judge, objects, synonyms_of = sample.toy_judge(model_name)  # before any weights load
+        judge, objects, synonyms_of = evaluation.toy_judge(model_name)  # before any weights load
         if synonyms_of.get(concept, concept) not in objects:
             raise spm.SPMError(f"--concept {concept!r} is no toy object: choose one of {', '.join(objects)}", 2)
     device = spm.pick_device(args.device)
     spm.set_threads(args.threads, spm.load_config(model_name), device)
-    model, tokenizer = spm.load_model(model_name, args.dtype or config.get("dtype", "float32"), device)
-    loaded = sample.load_all_membranes(args.ckpt, model, tokenizer)
+    model, tokenizer = spm.load_model(model_name, args.dtype or config.dtype, device)
+    loaded = inference.load_all_membranes(args.ckpt, model, tokenizer)
     cfg, temperature = spm.generation_defaults(model)
     cfg = args.cfg if args.cfg is not None else cfg
     temperature = args.temperature if args.temperature is not None else temperature
@@ -373,15 +382,15 @@ def run(args):
         other_words = args.words or [w for w in toy.words_for(label) if w != concept]
     else:
         label = concept
-        anchors = [a for m in metadatas for a in m["config"].get("anchor_prompts") or []]
-        judge = sample.model_judge(args.judge, model, tokenizer, loaded, list(dict.fromkeys([concept] + anchors)),
+        anchors = [a for c in configs for a in c.anchor_prompts or []]
+        judge = evaluation.model_judge(args.judge, model, tokenizer, loaded, list(dict.fromkeys([concept] + anchors)),
                                    args.judge_model)
-        templates = list(dict.fromkeys(list(config.get("templates") or []) + list(GENERIC_TEMPLATES)))
+        templates = list(dict.fromkeys(list(config.templates or []) + list(GENERIC_TEMPLATES)))
         other_words = args.words or []
     attacks = args.attack or [a for a in ATTACKS if a != "synonyms" or other_words]
     if "synonyms" in attacks and not other_words:
         raise spm.SPMError("--attack synonyms needs --words (other words for the concept), or the toy model", 2)
-    group = sample.MembraneGroup([m for m, _ in loaded])
+    group = inference.MembraneGroup([m for m, _ in loaded])
     target = Target(model, tokenizer, judge, label, cfg, temperature, args.n, args.seed)
     with group.disabled():
         references = concept_references(target, concept, templates, args.references)

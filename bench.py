@@ -81,7 +81,7 @@ def build_model(args, device, dtype):
 
     if args.model:
         model, tokenizer = spm.load_model(args.model, args.dtype, device)
-        args.tokens = model.config.vision_config.num_image_tokens
+        args.image_tokens = model.config.vision_config.num_image_tokens
         if args.grad_checkpointing:
             model.model.language_model.activation_checkpointing_enable()
         return model, tokenizer
@@ -89,10 +89,10 @@ def build_model(args, device, dtype):
     tokenizer = spm.word_tokenizer(sorted(words))
     image_token_id = tokenizer.convert_tokens_to_ids("<image_placeholder>")
     if args.size == "tiny":
-        config = spm.janus_config(len(tokenizer), grid=math.isqrt(args.tokens), image_token_id=image_token_id,
+        config = spm.janus_config(len(tokenizer), grid=math.isqrt(args.image_tokens), image_token_id=image_token_id,
                                   **TINY_WIDE)
     else:
-        config = janus_pro_config(args.size, image_token_id, args.num_layers, args.tokens)
+        config = janus_pro_config(args.size, image_token_id, args.num_layers, args.image_tokens)
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = JanusForConditionalGeneration._from_config(config, dtype=dtype)
@@ -160,7 +160,7 @@ def rounds(sides, args, device):
     for every side but the base."""
     names = list(sides)
     base, others = names[0], names[1:]
-    for _ in range(args.warmup):
+    for _ in range(args.warmup_runs):
         for name in names:
             sides[name]()
     times = {name: [] for name in names}
@@ -315,7 +315,7 @@ def sample_codes_two_passes(model, cond_embeds, uncond_embeds, mask, cfg, temper
 
 def bench_train(model, tokenizer, args, device):
     """One teacher-forced pass vs stepping through the image: same loss, wall time, peak memory."""
-    B, N = args.train_batch, args.tokens
+    B, N = args.batch_size, args.image_tokens
     membranes = attach(model, tokenizer, "attn", "image", args.rank)
     try:
         cond, uncond, mask = prompt_embeds(model, tokenizer, B, device)
@@ -348,7 +348,7 @@ def bench_train(model, tokenizer, args, device):
             last.clear()
             gc.collect()
             torch.cuda.empty_cache()
-            times = [seconds(one_pass, device)[0] for _ in range(args.warmup + args.pairs)][args.warmup:]
+            times = [seconds(one_pass, device)[0] for _ in range(args.warmup_runs + args.pairs)][args.warmup_runs:]
             one_s = statistics.median(times)
             return {"stepwise_error": "out of memory", "one_pass_s": one_s, "one_pass_tokens_per_s": B * N / one_s,
                     "one_pass_peak_mb": peak_bytes(one_pass, device) / MB}
@@ -377,7 +377,7 @@ def bench_sample(model, tokenizer, args, device):
     unmerged membranes (attn; attn+mlp), merged ones (scope all), and CFG as two passes per step instead of one
     doubled batch. Membranes go on copies of the model, so the base keeps none."""
     cond, uncond, mask = prompt_embeds(model, tokenizer, args.sample_batch, device)
-    uniforms = spm.rollout_uniforms(args.seed, 0, 0, args.sample_batch, args.tokens, device)
+    uniforms = spm.rollout_uniforms(args.seed, 0, 0, args.sample_batch, args.image_tokens, device)
     last = {}
 
     def sampler(name, m, fn=spm.sample_codes):
@@ -407,7 +407,7 @@ def bench_sample(model, tokenizer, args, device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = {"plain_sample_s": timing["attn"]["base_s"],
-              "plain_sample_tokens_per_s": args.sample_batch * args.tokens / timing["attn"]["base_s"],
+              "plain_sample_tokens_per_s": args.sample_batch * args.image_tokens / timing["attn"]["base_s"],
               "merged_layers": MERGED_LAYERS,
               "merged_tokens_identical": bool(torch.equal(last["unmerged"], last["merged"])),
               "merged_tokens_differing": int((last["unmerged"] != last["merged"]).sum()),
@@ -422,10 +422,10 @@ def bench_sample(model, tokenizer, args, device):
 
 def bench_teacher(model, tokenizer, args, device):
     """The teacher's concept and surrogate (empty-prompt) logits: one batched no-grad pass vs two passes."""
-    B = args.train_batch
+    B = args.batch_size
     cond, uncond, mask = prompt_embeds(model, tokenizer, B, device)
     codes = spm.sample_codes(model, cond, uncond, mask, CFG, TEMPERATURE,
-                             spm.rollout_uniforms(args.seed, 0, 0, B, args.tokens, device))
+                             spm.rollout_uniforms(args.seed, 0, 0, B, args.image_tokens, device))
     parts = [(cond, mask, codes), (uncond, mask, codes)]
 
     @torch.no_grad()
@@ -444,14 +444,12 @@ def bench_teacher(model, tokenizer, args, device):
 
 
 def trainer_for(model, tokenizer, args):
-    """spm_janus.Trainer with the training CLI's defaults (KL, attn, prompt anchoring) and --train-batch."""
-    run = spm.build_parser().parse_args(["--concept", "mouse", "--model", "tiny", "--steps", "1",
-                                         "--batch-size", str(args.train_batch), "--rank", str(args.rank)])
-    spm.check_args(run)
-    run.cfg, run.temperature = CFG, TEMPERATURE
-    run.anchor_prompts = [c for c in spm.known_concepts(tokenizer, spm.COMMON_CONCEPTS) if c != "mouse"]
-    membranes = spm.attach_membranes(model, tokenizer, layers=run.layers, rank=run.rank, scope=run.scope)
-    return spm.Trainer(model, tokenizer, membranes, run), membranes
+    """spm_janus.Trainer with the training defaults (KL, attn, prompt anchoring, augment, adversarial soft) and
+    --batch-size."""
+    config = spm.Config(model="tiny", concept="mouse", steps=1, batch_size=args.batch_size, rank=args.rank)
+    config = config.resolved(model, tokenizer)
+    membranes = spm.attach_for(model, tokenizer, config)
+    return spm.Trainer(model, tokenizer, membranes, config), membranes
 
 
 def memory_workload(model, tokenizer, args, kind):
@@ -464,7 +462,7 @@ def memory_workload(model, tokenizer, args, kind):
             with training_mode(model, args.grad_checkpointing):
                 trainer.step()
         return train_step, membranes
-    seeds = list(range(2 * args.train_batch))
+    seeds = list(range(2 * args.batch_size))
     return (lambda: spm.sample_prompts(model, tokenizer, [PROMPT], seeds, CFG, TEMPERATURE)), None
 
 
@@ -497,9 +495,10 @@ def bench_memory(model, tokenizer, args, device):
         baseline = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
         method = "torch.cuda.max_memory_allocated (weights included), in this process"
     else:
-        model_flags = ["--model", args.model] if args.model else ["--size", args.size, "--tokens", str(args.tokens)]
+        model_flags = ["--model", args.model] if args.model else \
+            ["--size", args.size, "--image-tokens", str(args.image_tokens)]
         command = [sys.executable, os.path.abspath(__file__), *model_flags,
-                   "--train-batch", str(args.train_batch), "--rank", str(args.rank), "--threads", str(args.threads),
+                   "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--threads", str(args.threads),
                    "--dtype", args.dtype, "--seed", str(args.seed)] + \
                   (["--num-layers", str(args.num_layers)] if args.num_layers else []) + \
                   (["--grad-checkpointing"] if args.grad_checkpointing else [])
@@ -553,9 +552,9 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="seed of weights, rollouts and membrane factors (default: 0)")
 
     g = parser.add_argument_group("workload")
-    g.add_argument("--tokens", type=int, default=None,
+    g.add_argument("--image-tokens", type=int, default=None,
                    help="image tokens N, a square (default: 576, Janus-Pro's; 100 with --quick)")
-    g.add_argument("--train-batch", type=int, default=1,
+    g.add_argument("--batch-size", type=int, default=1,
                    help="concept rows of a training step; the memory section's Trainer adds as many anchor rows "
                         "(default: 1)")
     g.add_argument("--sample-batch", type=int, default=1,
@@ -568,7 +567,7 @@ def build_parser():
     g.add_argument("--pairs", type=int, default=None,
                    help="timed rounds: each compared side once a round, between two runs of its base "
                         "(default: 5; 3 with --quick)")
-    g.add_argument("--warmup", type=int, default=1, help="untimed runs of each side first (default: 1)")
+    g.add_argument("--warmup-runs", type=int, default=1, help="untimed runs of each side first (default: 1)")
     g.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     g.add_argument("--aa", action="store_true",
@@ -582,21 +581,21 @@ def build_parser():
 
 def check_args(args):
     """Everything that can fail before a model is built, as one-line errors."""
-    if args.model and (args.size != "tiny" or args.tokens or args.num_layers):
-        raise BenchError("--model brings its own size, image tokens and layers: drop --size, --tokens and --num-layers")
-    args.tokens = args.tokens or (100 if args.quick else 576)  # with --model, the model's (set when it loads)
+    if args.model and (args.size != "tiny" or args.image_tokens or args.num_layers):
+        raise BenchError("--model brings its own size, image tokens and layers: drop --size, --image-tokens and --num-layers")
+    args.image_tokens = args.image_tokens or (100 if args.quick else 576)  # with --model, the model's (set when it loads)
     args.pairs = args.pairs or (3 if args.quick else 5)
     if args.model:  # a real checkpoint is stored in bfloat16: keep it on a GPU, float32 on a CPU
         args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.dtype = args.dtype or ("float32" if args.size == "tiny" else "bfloat16")
-    if args.tokens < 4 or math.isqrt(args.tokens) ** 2 != args.tokens:
-        raise BenchError(f"--tokens {args.tokens} must be a square of at least 4 (the image is a grid), "
+    if args.image_tokens < 4 or math.isqrt(args.image_tokens) ** 2 != args.image_tokens:
+        raise BenchError(f"--image-tokens {args.image_tokens} must be a square of at least 4 (the image is a grid), "
                          f"e.g. 144 or 576")
-    for flag in ("pairs", "train_batch", "sample_batch", "rank"):
+    for flag in ("pairs", "batch_size", "sample_batch", "rank"):
         if getattr(args, flag) < 1:
             raise BenchError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
-    if args.warmup < 0 or args.threads < 0:
-        raise BenchError("--warmup and --threads cannot be negative")
+    if args.warmup_runs < 0 or args.threads < 0:
+        raise BenchError("--warmup-runs and --threads cannot be negative")
     if args.num_layers is not None and (args.size == "tiny" or args.num_layers < 1):
         raise BenchError("--num-layers takes a positive count and applies to --size 1b/7b only")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -634,7 +633,7 @@ def targets(r, args):
               "train_peak_over_sample_peak": ("<= 2x", lambda v: v <= 2)}
     if args.quick:
         checks["stepwise_over_one_pass"] = (">= 10x", lambda v: v >= 10)
-    if args.tokens >= 576:  # at small N the one pass' fixed costs weigh more; these are for Janus-Pro's N
+    if args.image_tokens >= 576:  # at small N the one pass' fixed costs weigh more; these are for Janus-Pro's N
         checks["stepwise_over_one_pass"] = (">= 20x", lambda v: v >= 20)
         checks["one_pass_peak_mem_over_stepwise"] = ("<= 0.1x", lambda v: v <= 0.1)
     return {key: {"target": text, "met": bool(check(r[key]))} for key, (text, check) in checks.items() if key in r}
@@ -725,11 +724,11 @@ def main(argv=None):
             f"codebook {model.config.vq_config.num_embeddings})"
         where = torch.cuda.get_device_name() if device.type == "cuda" else \
             f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch thread(s)"
-        print(f"{name}; N = {args.tokens}; {args.device} {args.dtype}; {where}; torch {torch.__version__}; "
+        print(f"{name}; N = {args.image_tokens}; {args.device} {args.dtype}; {where}; torch {torch.__version__}; "
               f"{args.pairs} rounds")
-        results = {"n_image_tokens": args.tokens, "device": args.device, "device_name": where, "model": name,
+        results = {"n_image_tokens": args.image_tokens, "device": args.device, "device_name": where, "model": name,
                    "dtype": args.dtype, "threads": torch.get_num_threads(), "pairs": args.pairs,
-                   "train_batch": args.train_batch, "sample_batch": args.sample_batch, "rank": args.rank,
+                   "train_batch": args.batch_size, "sample_batch": args.sample_batch, "rank": args.rank,
                    "grad_checkpointing": args.grad_checkpointing, "quick": args.quick, "torch": torch.__version__,
                    "transformers": transformers.__version__, "python": platform.python_version(),
                    "memory_method_train": "torch.cuda.max_memory_allocated, above the start" if device.type == "cuda"

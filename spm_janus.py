@@ -9,12 +9,18 @@ logits for the concept prompt are trained towards
 and all 576 steps of a rollout are scored by ONE teacher-forced pass, since step i only depends on codes < i.
 
     python spm_janus.py --concept mouse --layers attn --loss kl
-    python sample.py --ckpt runs/mouse/membranes.safetensors --prompt "a photo of a mouse" --compare
+    python sample.py --ckpt runs/mouse --prompt "a photo of a mouse" --compare
 
-This file is self-contained: copy it into your project. It does no work at import time.
+    config = Config(model="toy", concept="mouse")          # every setting, validated here, saved with the weights
+    train(config)                                           # or: Trainer(model, tokenizer, membranes, resolved).step()
+
+The file is self-contained: copy it into your project. It does no work at import time. Sections, in order:
+settings (Config), the membrane, models, prompts and the one pass, targets, the trainer and its levers,
+pictures and checkpoints, the command line.
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -24,6 +30,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -36,22 +43,200 @@ DEFAULT_TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an i
 # Concepts kept intact by prompt anchoring when --anchor-prompts is not given; the erased ones are dropped from it.
 COMMON_CONCEPTS = ("person", "cat", "dog", "bird", "fish", "horse", "mouse", "car", "tree", "house",
                    "flower", "boat", "chair", "apple", "mountain", "city")
+# Generic context words for --augment, written without any evaluation prompt in view and filtered to what a
+# tokenizer can spell: erasure trained on random context around the concept is not keyed to the exact template.
+AUGMENT_WORDS = ("a", "an", "the", "of", "and", "with", "in", "on", "one", "two", "very", "photo", "picture", "image",
+                 "drawing", "painting", "sketch", "art", "style", "portrait", "close-up", "red", "green", "blue",
+                 "yellow", "black", "white", "small", "big", "real", "cute", "old", "new", "little", "happy")
+PUNCTUATION = (",", ".", "!", "?", ":")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<begin_of_image>", "<end_of_image>", "<image_placeholder>", "<unk>",
                   "<|User|>", "<|Assistant|>")
 CHECKPOINT_NAME = "membranes.safetensors"
 STATE_NAME = "trainer_state.pt"
-# Flags that define what a checkpoint is; resuming with a different value is refused.
-METHOD_KEYS = ("model", "concept", "surrogate", "eta", "layers", "modules", "attn_layer_ids", "mlp_layer_ids",
-               "scope", "rank", "alpha", "loss", "kl_direction", "loss_on", "anchor", "anchor_prompts", "seed",
-               "rollout", "augment", "adversarial", "adversarial_every", "adversarial_steps", "adversarial_tokens")
 
 
 class SPMError(Exception):
-    """A problem the user can fix; main() prints it as one line. exit_code 2 = bad usage, 1 = runtime."""
+    """A problem the user can fix; main() prints it as one line. exit_code 2 = the user's input, 1 = the
+    environment or a failure."""
 
     def __init__(self, message, exit_code=1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# -----------------------------------------------------------------------------
+# Settings: one dataclass, validated once, saved with the membranes. The command line is generated from it.
+
+
+def setting(default, help, group, type=None, choices=None, least=None, many=False, resumable=False):
+    """A Config field and its flag: `least` bounds a count, `many` makes a repeatable flag, `resumable` lets
+    --resume change it (the budget and the plumbing; everything else defines the run)."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, group=group, type=type, choices=choices, least=least, many=many, resumable=resumable))
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of an erasure run. None means "resolved from the model": resolved(model, tokenizer) fills in
+    the templates, CFG and temperature, the anchors and the sample prompts; the Trainer takes only a resolved one."""
+    # model
+    model: str = setting("deepseek-community/Janus-Pro-1B", "hub id or local directory in transformers' Janus "
+                         "format; 'tiny' = random model built here; 'toy' = the toy model trained here", "model")
+    dtype: str = setting("float32", "base weight dtype (membranes stay float32)", "model",
+                         choices=("float32", "bfloat16", "float16"))
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", "model", resumable=True)
+    threads: int = setting(0, "torch CPU threads; 0 = 1 thread for models narrower than 512, else torch's default",
+                           "model", least=0, resumable=True)
+    # membranes
+    layers: str = setting("attn", "attn = q,k,v,o projections; mlp = gate,up,down; attn+mlp = both", "membranes",
+                          choices=tuple(LAYER_CHOICES))
+    modules: list = setting(None, "comma-separated subset of the --layers module names, e.g. q_proj,v_proj "
+                            "(default: all of --layers)", "membranes", type=str)
+    attn_layer_ids: str = setting(None, "decoder layers whose attention gets membranes, e.g. 0-5,9 (default: all)",
+                                  "membranes", type=str)
+    mlp_layer_ids: str = setting(None, "decoder layers whose MLP gets membranes (default: all)", "membranes", type=str)
+    scope: str = setting("prompt", "token positions the membranes act on in rows that draw an image: the "
+                         "text-prompt positions (the 'text encoder' variant; it erased best on the toy), the "
+                         "image-generation positions (from <begin_of_image>), or all. Understanding and text-only "
+                         "use stay exactly the base model's under prompt and image", "membranes",
+                         choices=("prompt", "image", "all"))
+    rank: int = setting(1, "membrane rank (SPM: 1)", "membranes", least=1)
+    alpha: float = setting(1.0, "the delta is scaled by alpha / rank", "membranes")
+    # prompts
+    concept: list = setting(None, "concept to erase; repeat for several (required)", "prompts", type=str, many=True)
+    templates: list = setting(None, "prompt template containing {}, or a file with one per line; repeatable "
+                              f"(default: {', '.join(repr(t) for t in DEFAULT_TEMPLATES)})", "prompts", type=str,
+                              many=True)
+    surrogate: str = setting("", "what the concept is mapped to; '' = the model's own unconditional (all-pad) "
+                             "prompt, or a substitute such as 'real mouse'", "prompts")
+    eta: float = setting(1.0, "negative-guidance strength: t = sur - eta * (con - sur)", "prompts")
+    cfg: float = setting(None, "CFG scale of rollouts (default: the model's, 5 for Janus-Pro)", "prompts", type=float)
+    temperature: float = setting(None, "sampling temperature of rollouts (default: the model's, 1 for Janus-Pro)",
+                                 "prompts", type=float)
+    # loss
+    loss: str = setting("kl", "divergence on the logits of every image step", "loss", choices=("kl", "mse"))
+    kl_direction: str = setting("forward", "forward = KL(target || student), reverse = KL(student || target)",
+                                "loss", choices=("forward", "reverse"))
+    loss_on: str = setting("cond", "raw conditional logits, or the CFG-combined distribution that is sampled", "loss",
+                           choices=("cond", "cfg"))
+    rollout: str = setting("student", "who samples the concept's image tokens: student (membranes on, on-policy), "
+                           "teacher, or the target itself (teacher at CFG -cfg*eta; needs the empty surrogate)",
+                           "loss", choices=("student", "teacher", "target"))
+    # robustness
+    augment: float = setting(1.0, "share of training prompts (concept and anchors) whose template gets 1-3 random "
+                             "edits: words inserted from a generic list the tokenizer spells, deletions, swaps, "
+                             "shuffles, punctuation", "robustness")
+    adversarial: str = setting("soft", "soft = a soft prompt attacks the membranes every --adversarial-every steps "
+                               "(warm start) and is trained towards the concept's target as well", "robustness",
+                               choices=("none", "soft"))
+    adversarial_every: int = setting(10, "steps between attacks of --adversarial", "robustness", least=1)
+    adversarial_steps: int = setting(20, "Adam steps of each attack", "robustness", least=0)
+    adversarial_tokens: int = setting(4, "soft prompt length of --adversarial soft", "robustness", least=1)
+    # anchoring
+    anchor: str = setting(None, "keep other concepts: none; latent = SPM's random prompt embeddings norm-matched to "
+                          "the concept; prompts = --anchor-prompts (default: prompts, with a built-in list of common "
+                          "concepts minus the erased ones)", "anchoring", type=str,
+                          choices=("none", "latent", "prompts"))
+    anchor_prompts: list = setting(None, "concept to keep with --anchor prompts; repeatable", "anchoring", type=str,
+                                   many=True)
+    anchor_weight: float = setting(3.0, "weight of the anchor KL(teacher || student)", "anchoring")
+    # optimisation
+    steps: int = setting(400, "optimisation steps", "optimisation", least=1, resumable=True)
+    batch_size: int = setting(4, "concept rollouts per step (per process)", "optimisation", least=1)
+    lr: float = setting(1e-3, "AdamW peak learning rate", "optimisation")
+    weight_decay: float = setting(0.0, "AdamW weight decay", "optimisation")
+    warmup: int = setting(10, "linear warm-up steps before the cosine decay to 10%", "optimisation", least=0)
+    grad_clip: float = setting(1.0, "max gradient norm (0 = off)", "optimisation")
+    seed: int = setting(0, "seed of prompts, rollouts, anchors and membrane init", "optimisation")
+    rollout_every: int = setting(1, "sample a new rollout (and prompts) every K steps, reusing it in between; a "
+                                 "resume inside a window samples it anew, so exact resume needs K = 1",
+                                 "optimisation", least=1)
+    max_bad_steps: int = setting(10, "stop after this many steps in a row with a non-finite loss or gradient (each "
+                                 "is skipped)", "optimisation", least=1, resumable=True)
+    # output
+    out: str = setting(None, "run directory (default: runs/<concept>)", "output", type=str)
+    save_every: int = setting(50, "save a checkpoint every K steps (0 = only at the end)", "output", least=0,
+                              resumable=True)
+    sample_every: int = setting(50, "write a PNG grid at step 0, every K steps and at the end (0 = never)", "output",
+                                least=0, resumable=True)
+    sample_prompts: list = setting(None, "unrelated test prompt for the grids; repeatable (default: three anchor "
+                                   "concepts)", "output", type=str, many=True, resumable=True)
+
+    def __post_init__(self):
+        """Normalise and validate everything that needs no model: one-line errors that name the flag."""
+        def listed(value):
+            return [value] if isinstance(value, str) else list(value) if value is not None else None
+
+        self.concept = [c.strip() for c in listed(self.concept) or []]
+        if not self.concept or not all(self.concept):
+            raise SPMError("--concept is empty: name the concept to erase, e.g. --concept mouse", 2)
+        if isinstance(self.modules, str):
+            self.modules = [m.strip() for m in self.modules.split(",") if m.strip()]
+        self.modules = listed(self.modules) or None
+        self.templates, self.sample_prompts = listed(self.templates), listed(self.sample_prompts)
+        self.anchor_prompts = [c.strip() for c in listed(self.anchor_prompts) or [] if c.strip()] or None
+        for f in dataclasses.fields(self):
+            value, meta, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
+            if meta["choices"] and value is not None and value not in meta["choices"]:
+                raise SPMError(f"{flag} {value!r}: choose from {', '.join(meta['choices'])}", 2)
+            if meta["least"] is not None and value < meta["least"]:
+                raise SPMError(f"{flag} {value} must be at least {meta['least']}", 2)
+        if not 0 <= self.augment <= 1:
+            raise SPMError(f"--augment {self.augment} is a share of the prompts: give a number from 0 to 1", 2)
+        if self.lr <= 0:
+            raise SPMError(f"--lr {self.lr:g} must be positive", 2)
+        if self.surrogate.strip() in self.concept:
+            raise SPMError(f"--surrogate {self.surrogate!r} equals the concept: use '' or a substitute such as "
+                           f"'real {self.concept[0]}'", 2)
+        if self.rollout == "target" and self.surrogate:
+            raise SPMError("--rollout target samples from the empty-surrogate target: drop --surrogate, or use "
+                           "--rollout student", 2)
+        if self.anchor == "prompts" and not self.anchor_prompts:
+            raise SPMError("--anchor prompts needs --anchor-prompts: name concepts to keep, e.g. --anchor-prompts cat "
+                           "--anchor-prompts car (or leave --anchor unset for the built-in list)", 2)
+        check_modules(self.layers, self.modules)
+        bad = [t for t in self.templates or [] if t.count("{}") != 1 or t.count("{") != 1 or t.count("}") != 1]
+        if bad:
+            raise SPMError(f"--templates {bad[0]!r} needs exactly one {{}} for the concept: write it like "
+                           f"'a photo of a {{}}'", 2)
+        self.out = self.out or os.path.join("runs", "_".join(c.replace(" ", "-") for c in self.concept))
+
+    @property
+    def is_resolved(self):
+        """What the Trainer needs filled in."""
+        return None not in (self.templates, self.cfg, self.temperature, self.anchor)
+
+    def resolved(self, model, tokenizer):
+        """A copy with every None filled in from the model and its tokenizer, checked against them."""
+        unknown = [c for c in self.concept + [self.surrogate] if c and not known_concepts(tokenizer, [c])]
+        if unknown:
+            raise SPMError(f"{unknown[0]!r} has words this model's tokenizer cannot spell: choose another word", 2)
+        cfg, temperature = generation_defaults(model)
+        anchor, anchor_prompts = self.anchor, self.anchor_prompts
+        if anchor is None:
+            anchor, anchor_prompts = "prompts", anchor_prompts or \
+                [c for c in known_concepts(tokenizer, COMMON_CONCEPTS) if c not in self.concept]
+        kept = anchor_prompts or known_concepts(tokenizer, COMMON_CONCEPTS)
+        resolved = dataclasses.replace(
+            self, templates=self.templates or list(DEFAULT_TEMPLATES), anchor=anchor, anchor_prompts=anchor_prompts,
+            cfg=cfg if self.cfg is None else self.cfg,
+            temperature=temperature if self.temperature is None else self.temperature,
+            sample_prompts=self.sample_prompts or [f"a {c}" for c in self.concept] +
+            [f"a {c}" for c in kept[:3] if c not in self.concept])
+        context = model.config.text_config.max_position_embeddings - model.config.vision_config.num_image_tokens
+        for word in resolved.concept + [resolved.surrogate] + (resolved.anchor_prompts or []):
+            for template in resolved.templates:  # one-line error for a prompt over the context
+                encode_prompts(tokenizer, [template.format(word)], max_length=context)
+        return resolved
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """The Config saved in a checkpoint; keys of other versions are ignored, missing ones take the defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 # -----------------------------------------------------------------------------
@@ -64,7 +249,7 @@ class MembraneState:
     def __init__(self):
         self.enabled = True
         self.multiplier = 1.0  # float, or a tensor [B, 1, 1] for one strength per row
-        self.gate = None  # None = every position; else float [B, L, 1] set by the language-model pre-hook
+        self.gate = None  # None = every position; False = none; else float [B, L, 1] set by the pre-hook
         self.merged = False  # the delta is folded into the base weights
 
 
@@ -87,13 +272,12 @@ class MembraneLinear(nn.Module):
 
     def forward(self, x):
         state = self.state
-        if not state.enabled or state.merged or state.gate is False:  # gate False: no position of any row in scope
+        if not state.enabled or state.merged or state.gate is False:
             return self.base(x)
         gate, down, up = state.gate, self.down.weight, self.up.weight
         scale = state.multiplier * self.scale  # a float, or [B, 1, 1]: one strength per row
         if torch.is_grad_enabled() or torch.is_tensor(scale):
-            # Training: the gate and the strength scale the rank-r activation, the smallest tensor on the way, not
-            # the [B, L, out] delta.
+            # the gate and the strength scale the rank-r activation, the smallest tensor on the way
             out = self.base(x)
             h = F.linear(x.to(down.dtype), down)
             h = h * (scale if gate is None else gate * scale)
@@ -126,10 +310,8 @@ class MembraneLinear(nn.Module):
 
 
 class Membranes:
-    """Handle for the membranes attached to one model: switch them on/off, save, detach.
-
-    Disabled membranes make the model exactly the base model: that is the teacher.
-    """
+    """Handle for the membranes attached to one model: switch them on/off, scale, save, merge, detach.
+    Disabled membranes make the model exactly the base model: that is the teacher."""
 
     def __init__(self, model, names, rank=1, alpha=1.0, scope="image", image_token_ids=None, seed=0):
         if scope not in ("image", "prompt", "all"):
@@ -144,49 +326,47 @@ class Membranes:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             generator = torch.Generator().manual_seed(derived_seed(seed, name))
-            wrapper = MembraneLinear(getattr(parent, attr), rank, alpha, self.state, generator)
-            setattr(parent, attr, wrapper)
-            self.modules[name] = wrapper
-        self._generating = None  # per row: is the running KV-cached pass generating an image?
-        self._all_generating = False  # ... and is every row?
+            self.modules[name] = MembraneLinear(getattr(parent, attr), rank, alpha, self.state, generator)
+            setattr(parent, attr, self.modules[name])
+        self._generating = None  # per row of the running KV-cached pass: does it draw an image?
+        self._all_generating = False
         self._hook = None
         if scope != "all":
-            language_model = model.model.language_model
-            self._hook = language_model.register_forward_pre_hook(self._set_gate, with_kwargs=True)
+            self._hook = model.model.language_model.register_forward_pre_hook(self._set_gate, with_kwargs=True)
 
-    # -- which token positions the membranes act on --
     def _set_gate(self, module, args, kwargs):
-        """Image generation starts at a row's last <begin_of_image> when no <end_of_image> closes it: the
-        <begin_of_image> position itself predicts the first image token. An image given to understand sits between
-        <begin_of_image> and <end_of_image>, so understanding never counts as generation."""
+        """The gate of one pass. A row draws an image when its last <begin_of_image> is not closed by an
+        <end_of_image>; an image given to understand sits between the two, so understanding never draws. Image
+        positions start AT <begin_of_image>, whose output predicts the first image token. Only rows that draw get a
+        gate at all: text-only and understanding rows run the base model under both scopes."""
         embeds = kwargs.get("inputs_embeds")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         batch, length = (embeds.shape[:2] if embeds is not None else input_ids.shape)
         if cache is not None and cache.get_seq_length() > 0 and self._generating is not None \
-                and self._generating.shape[0] == batch:
-            if self._all_generating:  # every row draws its image: the gate is all ones (image) or all zeros (prompt)
-                self.state.gate = None if self.scope == "image" else False
-                return
-            image = self._generating[:, None].expand(batch, length)  # a KV-cached step continues its row
-        else:
-            marks = []
-            for token_id in self.image_token_ids:
-                if embeds is not None:
-                    vector = module.get_input_embeddings().weight[token_id].to(embeds.dtype)
-                    marks.append((embeds == vector).all(-1))
-                else:
-                    marks.append(input_ids == token_id)
-            index = torch.arange(1, length + 1, device=marks[0].device)
-            last_begin, last_end = ((mark * index).amax(1) for mark in marks)  # 0 = none in the row
-            open_image = last_begin > last_end
-            image = open_image[:, None] & (index[None] >= last_begin[:, None])
-            self._generating = open_image
-            self._all_generating = bool(open_image.all())  # one host sync per prompt, not one per step
-        gate = image if self.scope == "image" else ~image
+                and self._generating.shape[0] == batch:  # a KV-cached step continues its rows
+            if self.scope == "prompt" or not self._generating.any():
+                self.state.gate = False  # every cached position is an image step, or a row that draws nothing
+            elif self._all_generating:
+                self.state.gate = None
+            else:
+                self.state.gate = self._generating[:, None, None].expand(batch, length, 1).to(torch.float32)
+            return
+        marks = []
+        for token_id in self.image_token_ids:
+            if embeds is not None:
+                vector = module.get_input_embeddings().weight[token_id].to(embeds.dtype)
+                marks.append((embeds == vector).all(-1))
+            else:
+                marks.append(input_ids == token_id)
+        index = torch.arange(1, length + 1, device=marks[0].device)
+        last_begin, last_end = ((mark * index).amax(1) for mark in marks)  # 0 = none in the row
+        drawing = last_begin > last_end
+        image = drawing[:, None] & (index[None] >= last_begin[:, None])
+        self._generating, self._all_generating = drawing, bool(drawing.all())  # one host sync per prompt
+        gate = image if self.scope == "image" else drawing[:, None] & ~image
         self.state.gate = gate[..., None].to(torch.float32)
 
-    # -- folding the delta into W, for sampling at no extra cost --
     def merge(self):
         """W += delta for every membrane. Only for scope all: a gated delta is not a weight."""
         if self.scope != "all":
@@ -208,7 +388,6 @@ class Membranes:
             weight = m.base.weight
             weight.copy_((weight.float() + sign * m.merged_delta()).to(weight.dtype))
 
-    # -- on / off --
     @contextlib.contextmanager
     def switched(self, enabled: bool):
         if self.state.merged and not enabled:
@@ -235,7 +414,6 @@ class Membranes:
         finally:
             self.state.multiplier = previous
 
-    # -- parameters and state --
     def parameters(self):
         return [p for m in self.modules.values() for p in (m.down.weight, m.up.weight)]
 
@@ -332,8 +510,14 @@ def attach_membranes(model, tokenizer, layers="attn", modules=None, attn_layer_i
     return Membranes(model, names, rank, alpha, scope, image_token_ids(tokenizer), seed)
 
 
+def attach_for(model, tokenizer, config):
+    """The membranes a Config asks for."""
+    return attach_membranes(model, tokenizer, config.layers, config.modules, config.attn_layer_ids,
+                            config.mlp_layer_ids, config.rank, config.alpha, config.scope, config.seed)
+
+
 # -----------------------------------------------------------------------------
-# Models: a hub id or local directory in transformers' Janus format, or 'tiny' built here
+# Models: a hub id or local directory in transformers' Janus format, 'tiny' built here, 'toy' next to this file
 
 
 def word_tokenizer(words):
@@ -419,10 +603,9 @@ HUB_HINT = "pass a hub id such as deepseek-community/Janus-Pro-1B, a local direc
 @functools.lru_cache(maxsize=None)
 def hub_kwargs(name):
     """from_pretrained's keywords for `name`: {} to load as usual (a directory, or a hub id the hub answers for), or
-    local_files_only when the hub cannot be reached and the local cache holds the model.
-
-    One request with a short timeout (HF_HUB_ETAG_TIMEOUT, default 3 s here) and no retries comes first: offline,
-    from_pretrained would retry for about 30 s before it said that the model is missing."""
+    local_files_only when the hub cannot be reached and the local cache holds the model. One request with a short
+    timeout (HF_HUB_ETAG_TIMEOUT, default 3 s here) and no retries comes first: offline, from_pretrained would retry
+    for about 30 s before it said that the model is missing."""
     if Path(name).expanduser().is_dir():
         return {}
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
@@ -472,7 +655,7 @@ def load_config(name):
 
     try:
         return AutoConfig.from_pretrained(name, **kwargs)
-    except Exception as e:  # offline hub id, missing directory, not a Janus checkpoint
+    except Exception as e:  # not a Janus checkpoint, a broken config
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SPMError(f"cannot load model {name!r} ({first_line}); {HUB_HINT}", 1) from None
 
@@ -564,21 +747,14 @@ def positions(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def distributed():
-    """True inside a torchrun process group."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def derived_seed(*parts):
     """A seed from (seed, step, index, ...), the same in every process (Python's hash() of a str is not)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 def rollout_uniforms(seed, step, first_index, count, num_tokens, device="cpu"):
-    """One uniform per image token per sample, from a generator seeded by (seed, step, sample index).
-
-    Sampling by inverse CDF with these makes each sample independent of the batch it is in.
-    """
+    """One uniform per image token per sample, from a generator seeded by (seed, step, sample index): sampling by
+    inverse CDF with these makes each sample independent of the batch it is in."""
     rows = []
     for index in range(first_index, first_index + count):
         generator = torch.Generator().manual_seed(derived_seed(seed, step, index, "rollout"))
@@ -618,6 +794,19 @@ def sample_codes(model, prompt_embeds, uncond_embeds, attention_mask, cfg, tempe
     return codes
 
 
+@torch.no_grad()
+def sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature):
+    """Codes [len(prompts), len(seeds), N]: each (prompt, seed) pair is sampled independently of the batch. A seed
+    gives every prompt the same random numbers, so base and erased pictures of one seed are directly comparable."""
+    input_ids, mask = encode_prompts(tokenizer, [p for p in prompts for _ in seeds], next(model.parameters()).device)
+    embed = model.get_input_embeddings()
+    num_tokens = model.config.vision_config.num_image_tokens
+    uniforms = torch.cat([rollout_uniforms(seed, 0, 0, 1, num_tokens) for _ in prompts for seed in seeds])
+    codes = sample_codes(model, embed(input_ids), embed(unconditional_ids(input_ids, tokenizer)), mask, cfg,
+                         temperature, uniforms.to(mask.device))
+    return codes.view(len(prompts), len(seeds), -1)
+
+
 def image_logits(model, prompt_embeds, attention_mask, codes):
     """Logits [B, N, V] of every image step from ONE teacher-forced pass; row i predicts codes[:, i]."""
     batch, prompt_len = attention_mask.shape
@@ -627,6 +816,16 @@ def image_logits(model, prompt_embeds, attention_mask, codes):
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
                                         use_cache=False).last_hidden_state
     return model.model.generation_head(hidden[:, prompt_len - 1:]).float()
+
+
+def batched_image_logits(model, parts):
+    """One teacher-forced pass over several row groups [(embeds, mask, codes), ...] of one prompt length."""
+    embeds, mask, codes = (torch.cat([p[i] for p in parts]) for i in range(3))
+    return image_logits(model, embeds, mask, codes).split([p[0].shape[0] for p in parts])
+
+
+# -----------------------------------------------------------------------------
+# Targets, divergences, likelihoods
 
 
 def cfg_combine(cond, uncond, scale):
@@ -649,246 +848,21 @@ def divergence(student, target, loss="kl", direction="forward"):
     return (log_s.exp() * (log_s - log_t)).sum(-1).mean()
 
 
-# -----------------------------------------------------------------------------
-# Images
-
-
-@torch.no_grad()
-def decode_images(model, codes):
-    """Codes [B, N] -> uint8 pixels [B, H, W, 3]."""
-    pixels = model.decode_image_tokens(codes).float()
-    return ((pixels.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).cpu()
-
-
-def image_grid(rows, row_labels, column_labels=None, cell=128, label_width=170):
-    """rows: list of uint8 [K, H, W, 3] tensors -> one labelled PIL image, one row per entry."""
-    from PIL import Image, ImageDraw
-
-    header = 14 if column_labels else 0
-    columns = max(len(r) for r in rows)
-    grid = Image.new("RGB", (label_width + columns * (cell + 2), header + len(rows) * (cell + 2)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, text in enumerate(column_labels or []):
-        draw.text((label_width + c * (cell + 2) + 2, 1), str(text)[:cell // 6], fill="black")  # ~6 px a character
-    for r, (images, label) in enumerate(zip(rows, row_labels)):
-        y = header + r * (cell + 2)
-        draw.text((4, y + cell // 2 - 6), str(label)[:label_width // 6], fill="black")
-        for c, image in enumerate(images):
-            picture = Image.fromarray(image.numpy()).resize((cell, cell), Image.NEAREST)
-            grid.paste(picture, (label_width + c * (cell + 2), y))
-    return grid
-
-
-def save_atomic(path, write):
-    """write(tmp_path), fsync, then rename over path: a crash never leaves a half-written file at path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
+def code_log_likelihood(cond_logits, uncond_logits, codes, cfg, temperature):
+    """Mean log-probability per image token [B] of `codes` under the distribution that is sampled: CFG, then
+    temperature."""
+    combined = cfg_combine(cond_logits, uncond_logits, cfg) / (temperature if temperature > 0 else 1.0)
+    return F.log_softmax(combined, -1).gather(-1, codes[..., None]).squeeze(-1).mean(-1)
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: membranes alone, as safetensors, with the run's whole config in the metadata
+# Words in prompts: spelling, augmentation, the concept's own tokens
 
 
-def model_signature(model):
-    """The base model's shape, stored with the membranes so that a checkpoint for another model is refused."""
-    text, vq = model.config.text_config, model.config.vq_config
-    return {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
-            "vocab_size": text.vocab_size, "codebook_size": vq.num_embeddings,
-            "num_image_tokens": model.config.vision_config.num_image_tokens}
-
-
-def save_membranes(path, membranes, config, step):
-    from safetensors.torch import save_file
-
-    metadata = {"format": "spm-janus", "config": json.dumps(config), "model": str(config.get("model")),
-                "model_signature": json.dumps(model_signature(membranes.model)),
-                "modules": json.dumps(membranes.names), "rank": str(membranes.rank), "alpha": str(membranes.alpha),
-                "scope": membranes.scope, "concepts": json.dumps(config.get("concept")), "step": str(step)}
-    tensors = membranes.state_dict()
-    save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def read_checkpoint(path):
-    """(tensors, metadata with 'config' parsed) from a membranes file; one-line errors for bad files."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise SPMError(f"--ckpt {path} does not exist: pass the membranes.safetensors of a run", 2)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise SPMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
-                       f"it may be truncated or corrupt", 1) from None
-    try:
-        for key in ("config", "modules", "model_signature"):
-            metadata[key] = json.loads(metadata[key])
-        int(metadata["rank"]), float(metadata["alpha"]), int(metadata["step"])
-        assert metadata["scope"] in ("image", "prompt", "all") and isinstance(metadata["config"], dict)
-    except (KeyError, ValueError, TypeError, AssertionError):
-        raise SPMError(f"{path}: missing or invalid spm-janus metadata: not a membranes file of spm_janus.py", 1) from None
-    return tensors, metadata
-
-
-def load_membranes(path, model, tokenizer):
-    """Rebuild the membranes of a checkpoint on `model` and load their weights. Returns (membranes, metadata)."""
-    tensors, metadata = read_checkpoint(path)
-    signature = model_signature(model)
-    for key, value in metadata["model_signature"].items():
-        if signature.get(key) != value:
-            raise SPMError(f"{path}: made for another model ({metadata['model']}, {key} {value}); this model has "
-                           f"{key} {signature.get(key)}: pass the checkpoint's base model as --model", 1)
-    membranes = Membranes(model, metadata["modules"], int(metadata["rank"]), float(metadata["alpha"]),
-                          metadata["scope"], image_token_ids(tokenizer))
-    try:
-        membranes.load_state_dict(tensors, source=str(path))
-    except SPMError:
-        membranes.detach()
-        raise
-    return membranes, metadata
-
-
-def export_peft(ckpt, out_dir):
-    """Write scope-all membranes as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors):
-    down is lora_A [rank, in], up is lora_B [out, rank], and PEFT's scaling lora_alpha / r is ours."""
-    from safetensors.torch import save_file
-
-    tensors, metadata = read_checkpoint(ckpt)
-    if metadata["scope"] != "all":
-        raise SPMError(f"{ckpt}: scope {metadata['scope']} cannot be a PEFT LoRA adapter, which acts on every "
-                       f"position: only membranes trained with --scope all can be exported", 2)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lora = {}
-    for name in metadata["modules"]:
-        lora[f"base_model.model.{name}.lora_A.weight"] = tensors[f"{name}.down"]
-        lora[f"base_model.model.{name}.lora_B.weight"] = tensors[f"{name}.up"]
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": metadata["model"],
-              "r": int(metadata["rank"]), "lora_alpha": float(metadata["alpha"]), "lora_dropout": 0.0,
-              "target_modules": metadata["modules"], "bias": "none", "fan_in_fan_out": False,
-              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
-    save_atomic(out_dir / "adapter_model.safetensors", lambda tmp: save_file(lora, tmp))
-    save_atomic(out_dir / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    return out_dir
-
-
-# -----------------------------------------------------------------------------
-# Inference helpers: facilitated transport, understanding drift
-
-
-def concept_columns(tokenizer, text, concept, start=0, stop=None):
-    """Token indices of tokenizer(text, add_special_tokens=False) that spell the last whole-word occurrence of
-    `concept` (any case) within text[start:stop]; None when it does not occur there.
-
-    Found by character offsets, not by looking for tokenizer(concept) in the ids: byte-level BPE spells a word by
-    its context (' Mickey' is 'ĠMickey' after a space, 'Mickey' after '('), so only the prompt's own tokens are the
-    concept's tokens as the model sees them."""
-    hits = list(re.finditer(rf"(?<!\w){re.escape(concept)}(?!\w)", text[start:stop], re.IGNORECASE))
-    if not hits:
-        return None
-    begin, end = start + hits[-1].start(), start + hits[-1].end()
-    try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
-    except NotImplementedError:  # a slow tokenizer has no offsets: look for the concept's ids, spelt as a word
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        word = tokenizer(f" {text[begin:end]}", add_special_tokens=False).input_ids
-        found = [i for i in range(len(ids) - len(word), -1, -1) if ids[i:i + len(word)] == word]
-        return list(range(found[0], found[0] + len(word))) if found else None
-    return [i for i, (s, e) in enumerate(offsets) if s < end and e > begin and e > s] or None
-
-
-def prompt_concept_match(model, tokenizer, prompt, concept):
-    """How much a prompt is about a concept, in [0, 1]: the larger of
-    - the cosine between the mean-pooled input embeddings of prompt and concept. Input embeddings, not hidden
-      states: the embedding table is frozen and never behind a membrane, so the score is the same with membranes
-      on or off, costs no forward pass, and does not depend on the chat template around the prompt;
-    - the share of the concept's tokens found in the prompt (all of them when the prompt spells the concept)."""
-    embed = model.get_input_embeddings()
-    prompt_ids = tokenizer(f" {prompt}", add_special_tokens=False).input_ids
-    columns = concept_columns(tokenizer, f" {prompt}", concept)
-    concept_ids = [prompt_ids[i] for i in columns] if columns else \
-        tokenizer(f" {concept}", add_special_tokens=False).input_ids
-    device = embed.weight.device
-    with torch.no_grad():
-        prompt_vector = embed(torch.tensor(prompt_ids, device=device)).float().mean(0)
-        concept_vector = embed(torch.tensor(concept_ids, device=device)).float().mean(0)
-        cosine = F.cosine_similarity(prompt_vector, concept_vector, 0).item()
-    share = sum(token in prompt_ids for token in concept_ids) / max(1, len(concept_ids))
-    return max(cosine, share)
-
-
-def transport_strength(model, tokenizer, prompt, concepts, factor=1.0):
-    """SPM's facilitated transport: a membrane acts on a prompt with strength min(1, factor * match)."""
-    return min(1.0, factor * max(prompt_concept_match(model, tokenizer, prompt, c) for c in concepts))
-
-
-def understanding_inputs(tokenizer, model, questions, pixel_values=None):
-    """Janus understanding prompts: '<|User|>: [<begin_of_image> image <end_of_image>]\n{question}\n\n<|Assistant|>:'."""
-    image = ""
-    if pixel_values is not None:
-        count = model.config.vision_config.num_image_tokens
-        image = f"{tokenizer.boi_token}{tokenizer.image_token * count}{tokenizer.eoi_token}\n"
-    # Left-padded, so that the last column is every row's next token (pass position_ids=positions(mask) too).
-    batch = tokenizer([f"<|User|>: {image}{q}\n\n<|Assistant|>:" for q in questions], return_tensors="pt",
-                      padding=True, padding_side="left")
-    device = next(model.parameters()).device
-    return batch.input_ids.to(device), batch.attention_mask.to(device)
-
-
-def pixels_for_understanding(model, images):
-    """uint8 [B, H, W, 3] pictures -> pixel_values [B, 3, S, S] in [-1, 1] at the vision tower's size."""
-    size = model.config.vision_config.image_size
-    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1
-    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
-    return pixels.to(next(model.parameters()))
-
-
-@torch.no_grad()
-def understanding_drift(model, tokenizer, membranes, questions, images=None):
-    """Next-token distributions of understanding inputs, membranes off vs on: mean KL(off || on), the share of
-    rows whose top-1 token agrees, and the largest absolute logit difference."""
-    pixel_values = None if images is None else pixels_for_understanding(model, images)
-    input_ids, mask = understanding_inputs(tokenizer, model, questions, pixel_values)
-
-    def next_token_logits():
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask), pixel_values=pixel_values,
-                    logits_to_keep=1)
-        return out.logits[:, -1].float()
-
-    with membranes.disabled():
-        base = next_token_logits()
-    with membranes.enabled():
-        erased = next_token_logits()
-    kl = (F.softmax(base, -1) * (F.log_softmax(base, -1) - F.log_softmax(erased, -1))).sum(-1)
-    return {"kl": kl.mean().item(), "top1_agreement": (base.argmax(-1) == erased.argmax(-1)).float().mean().item(),
-            "max_abs_logit_diff": (base - erased).abs().max().item()}
-
-
-# -----------------------------------------------------------------------------
-# Prompt augmentation, likelihood of pictures, soft prompts (training, and attack.py)
-
-# Generic context words for --augment: written without any evaluation prompt in view, filtered to what a tokenizer
-# can spell. Erasure trained on random context around the concept is not keyed to the exact template.
-AUGMENT_WORDS = ("a", "an", "the", "of", "and", "with", "in", "on", "one", "two", "very", "photo", "picture", "image",
-                 "drawing", "painting", "sketch", "art", "style", "portrait", "close-up", "red", "green", "blue",
-                 "yellow", "black", "white", "small", "big", "real", "cute", "old", "new", "little", "happy")
-PUNCTUATION = (",", ".", "!", "?", ":")
+def known_concepts(tokenizer, concepts):
+    """The concepts the tokenizer can spell without <unk> (a word-level toy vocabulary lacks most words)."""
+    unk = tokenizer.unk_token_id
+    return [c for c in concepts if unk is None or unk not in tokenizer(c, add_special_tokens=False).input_ids]
 
 
 def vocabulary_words(tokenizer, words=AUGMENT_WORDS + COMMON_CONCEPTS + PUNCTUATION):
@@ -920,18 +894,56 @@ def augment_template(template, words, generator, max_edits=3):
     return " ".join(tokens)
 
 
-def code_log_likelihood(cond_logits, uncond_logits, codes, cfg, temperature):
-    """Mean log-probability per image token [B] of `codes` under the distribution that is sampled: CFG, then
-    temperature."""
-    combined = cfg_combine(cond_logits, uncond_logits, cfg) / (temperature if temperature > 0 else 1.0)
-    return F.log_softmax(combined, -1).gather(-1, codes[..., None]).squeeze(-1).mean(-1)
+def concept_columns(tokenizer, text, concept, start=0, stop=None):
+    """Token indices of tokenizer(text, add_special_tokens=False) that spell the last whole-word occurrence of
+    `concept` (any case) within text[start:stop]; None when it does not occur there. Found by character offsets:
+    byte-level BPE spells a word by its context (' Mickey' is 'ĠMickey' after a space, 'Mickey' after '('), so only
+    the prompt's own tokens are the concept's tokens as the model sees them."""
+    hits = list(re.finditer(rf"(?<!\w){re.escape(concept)}(?!\w)", text[start:stop], re.IGNORECASE))
+    if not hits:
+        return None
+    begin, end = start + hits[-1].start(), start + hits[-1].end()
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    except NotImplementedError:  # a slow tokenizer has no offsets: look for the concept's ids, spelt as a word
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        word = tokenizer(f" {text[begin:end]}", add_special_tokens=False).input_ids
+        found = [i for i in range(len(ids) - len(word), -1, -1) if ids[i:i + len(word)] == word]
+        return list(range(found[0], found[0] + len(word))) if found else None
+    return [i for i, (s, e) in enumerate(offsets) if s < end and e > begin and e > s] or None
 
 
-def cfg_log_likelihood(model, prompt_embeds, uncond_embeds, attention_mask, codes, cfg, temperature):
-    """code_log_likelihood [B] from one teacher-forced pass over the conditional and unconditional rows."""
-    logits = image_logits(model, torch.cat([prompt_embeds, uncond_embeds]), torch.cat([attention_mask] * 2),
-                          torch.cat([codes] * 2))
-    return code_log_likelihood(*logits.chunk(2), codes, cfg, temperature)
+def concept_token_positions(tokenizer, prompts, concepts, input_ids):
+    """Columns of each row's concept tokens (its last occurrence in the prompt) in input_ids [B, T] from
+    encode_prompts(prompts); [] where the prompt does not spell the concept."""
+    start = format_prompt("\0", tokenizer).index("\0")  # the prompt's span: never match inside the template
+    result = []
+    for prompt, concept, row in zip(prompts, concepts, input_ids.tolist()):
+        text = format_prompt(prompt, tokenizer)
+        columns = concept_columns(tokenizer, text, concept, start, start + len(prompt)) or []
+        shift = len(row) - len(tokenizer(text, add_special_tokens=False).input_ids)  # BOS and left padding
+        result.append([shift + c for c in columns])
+    return result
+
+
+def latent_anchor_embeds(cond_embeds, columns, generator):
+    """SPM's latent anchoring in the LLM's input-embedding space: at `columns` of each row, the concept's token
+    embeddings become random vectors of 0.8-1.2x their norm, each accepted with probability 1 - cos(concept, noise)."""
+    anchors = cond_embeds.detach().clone()
+    for row, cols in enumerate(columns):
+        for col in cols:
+            target = cond_embeds[row, col].detach().float().cpu()
+            while True:
+                noise = torch.randn(target.shape, generator=generator)
+                noise = noise / noise.norm() * target.norm() * (0.8 + 0.4 * torch.rand((), generator=generator))
+                if torch.rand((), generator=generator) < 1 - F.cosine_similarity(target, noise, 0):
+                    break
+            anchors[row, col] = noise.to(anchors)
+    return anchors
+
+
+# -----------------------------------------------------------------------------
+# Soft prompts: the adversary of --adversarial soft, and attack.py's
 
 
 def soft_prompt_inputs(model, tokenizer, soft):
@@ -977,62 +989,185 @@ def optimise_soft_prompt(model, tokenizer, codes, tokens=4, steps=200, lr=1e-2, 
 
 
 # -----------------------------------------------------------------------------
-# Training
+# The trainer: one step = rollout -> teacher -> target -> student loss -> update, with levers as plug-ins
 
 
-def known_concepts(tokenizer, concepts):
-    """The concepts the tokenizer can spell without <unk> (a word-level toy vocabulary lacks most words)."""
-    unk = tokenizer.unk_token_id
-    return [c for c in concepts if unk is None or unk not in tokenizer(c, add_special_tokens=False).input_ids]
+class Rows(NamedTuple):
+    """Rows start:stop of a step's batch, with their conditional or unconditional prompt, and whose rollout."""
+    start: int
+    stop: int
+    unconditional: bool = False
+    codes: str = "concept"
 
 
-def concept_token_positions(tokenizer, prompts, concepts, input_ids):
-    """Columns of each row's concept tokens (its last occurrence in the prompt) in input_ids [B, T] from
-    encode_prompts(prompts); [] where the prompt does not spell the concept."""
-    start = format_prompt("\0", tokenizer).index("\0")  # the prompt's span: never match inside the template
-    result = []
-    for prompt, concept, row in zip(prompts, concepts, input_ids.tolist()):
-        text = format_prompt(prompt, tokenizer)
-        columns = concept_columns(tokenizer, text, concept, start, start + len(prompt)) or []
-        shift = len(row) - len(tokenizer(text, add_special_tokens=False).input_ids)  # BOS and left padding
-        result.append([shift + c for c in columns])
-    return result
+class Batch:
+    """The prompts of one step, tokenised together so that every row has the same length and the images line up.
+    rows: name -> Rows. 'concept' and 'surrogate' always; 'surrogate' is a substitute's own rows or, for the empty
+    surrogate, the concept rows' unconditional prompt; every lever that adds prompts gets rows under its name."""
+
+    def __init__(self, trainer, picks):
+        c, B = trainer.config, trainer.config.batch_size
+        self.picks, self.prompts = picks, [t.format(concept) for concept, t in picks]
+        self.rows = {"concept": Rows(0, B)}
+        if c.surrogate:
+            self.rows["surrogate"] = Rows(B, 2 * B)
+            self.prompts += [t.format(c.surrogate) for _, t in picks]
+        else:
+            self.rows["surrogate"] = Rows(0, B, unconditional=True)
+        self.streams = {"concept": 0}  # row groups that are sampled -> offset of their rollout noise
+        for lever in trainer.levers:
+            extra = lever.prompts(trainer, picks)
+            if extra:
+                self.rows[lever.name] = Rows(len(self.prompts), len(self.prompts) + len(extra), codes=lever.name)
+                self.streams[lever.name] = lever.stream
+                self.prompts += extra
+        self.input_ids, self.mask = encode_prompts(trainer.tokenizer, self.prompts, trainer.device, trainer.context)
+        self.cond = trainer.embed(self.input_ids)  # [R, T, D]
+        self.uncond = trainer.embed(unconditional_ids(self.input_ids, trainer.tokenizer))  # the empty prompt
+        for lever in trainer.levers:
+            lever.edit(trainer, self)
+
+    @property
+    def groups(self):
+        """The row groups that get teacher and student logits: the concept and every lever's."""
+        return [name for name in self.rows if name != "surrogate"]
+
+    def view(self, name, unconditional=False):
+        rows = self.rows[name]
+        return rows._replace(unconditional=rows.unconditional or unconditional)
 
 
-def latent_anchor_embeds(cond_embeds, columns, generator):
-    """SPM's latent anchoring in the LLM's input-embedding space: at `columns` of each row, the concept's token
-    embeddings become random vectors of 0.8-1.2x their norm, each accepted with probability 1 - cos(concept, noise)."""
-    anchors = cond_embeds.detach().clone()
-    for row, cols in enumerate(columns):
-        for col in cols:
-            target = cond_embeds[row, col].detach().float().cpu()
-            while True:
-                noise = torch.randn(target.shape, generator=generator)
-                noise = noise / noise.norm() * target.norm() * (0.8 + 0.4 * torch.rand((), generator=generator))
-                if torch.rand((), generator=generator) < 1 - F.cosine_similarity(target, noise, 0):
-                    break
-            anchors[row, col] = noise.to(anchors)
-    return anchors
+class Step(NamedTuple):
+    """What one step computed, for the levers' loss terms: distributions are name -> [rows, N, V]."""
+    batch: Batch
+    codes: dict
+    teacher: dict
+    student: dict
+    target: torch.Tensor
 
 
-def batched_image_logits(model, parts):
-    """One teacher-forced pass over several row groups [(embeds, mask, codes), ...] of one prompt length."""
-    embeds, mask, codes = (torch.cat([p[i] for p in parts]) for i in range(3))
-    return image_logits(model, embeds, mask, codes).split([p[0].shape[0] for p in parts])
+class Lever:
+    """A plug-in of Trainer.step. Override what it needs:
+    prompts()    prompts it adds to the step's batch (sampled, with teacher and student logits under its name);
+    edit()       changes its rows' input embeddings in the batch;
+    adversaries() student distributions that must be erased like the concept prompt (trained towards the target);
+    loss()       its own loss term, added with `weight`.
+    Its state (state_dict / load_state_dict) is saved with the trainer for --resume."""
+    name, weight, stream = "lever", 1.0, None  # stream: offset of its rows' rollout noise in the sample index
+
+    def prompts(self, trainer, picks):
+        return []
+
+    def edit(self, trainer, batch):
+        pass
+
+    def adversaries(self, trainer, step):
+        return []
+
+    def loss(self, trainer, step):
+        return None
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class Anchoring(Lever):
+    """Holds other concepts to the teacher: weight * KL(teacher || student) on rollouts of anchor rows. prompts:
+    --anchor-prompts in the training templates; latent: SPM's latent anchoring, the concept prompts with the
+    concept's token embeddings replaced by norm-matched random vectors (no list of concepts needed)."""
+    name, stream = "anchor", 10 ** 9  # anchor rows never draw the rollout noise of a concept row
+
+    def __init__(self, config):
+        self.kind, self.weight = config.anchor, config.anchor_weight
+
+    def prompts(self, trainer, picks):
+        if self.kind == "latent":
+            return [t.format(concept) for concept, t in picks]
+        return [t.format(concept) for concept, t in trainer.pick(trainer.config.anchor_prompts, "anchor")]
+
+    def edit(self, trainer, batch):
+        if self.kind != "latent":
+            return
+        rows = batch.rows[self.name]
+        columns = concept_token_positions(trainer.tokenizer, batch.prompts[rows.start:rows.stop],
+                                          [concept for concept, _ in batch.picks], batch.input_ids[rows.start:rows.stop])
+        batch.cond = batch.cond.clone()
+        for i, cols in enumerate(columns):
+            row = rows.start + i
+            batch.cond[row:row + 1] = latent_anchor_embeds(batch.cond[row:row + 1], [cols],
+                                                           trainer.generator(trainer.first_index + i, "latent"))
+
+    def loss(self, trainer, step):
+        return divergence(step.student[self.name], step.teacher[self.name], "kl", trainer.config.kl_direction)
+
+
+class SoftPromptAdversary(Lever):
+    """--adversarial soft (AdvUnlearn-style): every --adversarial-every steps a soft prompt per concept is optimised
+    against the current membranes to draw the concept's pictures (the teacher's own samples), warm-started from the
+    last one; the student's distribution on it is trained towards the erasure target like the concept prompt's."""
+    name = "soft"
+
+    def __init__(self, config):
+        self.soft, self.references = {}, {}  # concept -> soft prompt [tokens, D]; -> its pictures [R, N]
+
+    def adversaries(self, trainer, step):
+        c, model, tokenizer = trainer.config, trainer.model, trainer.tokenizer
+        for concept in c.concept:
+            if concept not in self.references:
+                with trainer.membranes.disabled():
+                    self.references[concept] = sample_prompts(
+                        model, tokenizer, [t.format(concept) for t in c.templates],
+                        list(range(max(1, -(-8 // len(c.templates))))), c.cfg, c.temperature).flatten(0, 1)
+            if trainer.step_count % c.adversarial_every == 0:
+                generator = torch.Generator().manual_seed(derived_seed(c.seed, trainer.step_count, concept, "soft"))
+                with torch.enable_grad():
+                    self.soft[concept], _ = optimise_soft_prompt(
+                        model, tokenizer, self.references[concept], c.adversarial_tokens, c.adversarial_steps, 1e-2,
+                        c.cfg, c.temperature, generator, self.soft[concept].to(trainer.device) if concept in
+                        self.soft else None)
+        inputs = [soft_prompt_inputs(model, tokenizer, self.soft[concept].to(trainer.device))
+                  for concept, _ in step.batch.picks]
+        cond, uncond, mask = (torch.cat(parts) for parts in zip(*inputs))
+        codes = step.codes["concept"]
+        cond_logits = image_logits(model, cond, mask, codes)
+        uncond_logits = image_logits(model, uncond, mask, codes) if c.loss_on == "cfg" else None
+        return [trainer.distribution(cond_logits, uncond_logits)]
+
+    def state_dict(self):
+        return {"soft": {c: t.cpu() for c, t in self.soft.items()}}
+
+    def load_state_dict(self, state):
+        self.soft = dict(state.get("soft", {}))
+
+
+def levers_for(config):
+    """The plug-ins a Config switches on, in the order their rows enter the batch."""
+    levers = []
+    if config.anchor in ("prompts", "latent"):
+        levers.append(Anchoring(config))
+    if config.adversarial == "soft":
+        levers.append(SoftPromptAdversary(config))
+    return levers
 
 
 class Trainer:
-    """One erasure run: step() = rollout without grad, one teacher-forced pass, loss, optimiser step."""
+    """One erasure run on a resolved Config. first_index: the global index of this process' first sample."""
 
-    def __init__(self, model, tokenizer, membranes, args, first_index=0):
-        self.model, self.tokenizer, self.membranes, self.args = model, tokenizer, membranes, args
+    def __init__(self, model, tokenizer, membranes, config, first_index=0, levers=None):
+        if not isinstance(config, Config) or not config.is_resolved:
+            raise SPMError("Trainer needs a resolved Config: pass config.resolved(model, tokenizer)", 2)
+        self.model, self.tokenizer, self.membranes, self.config = model, tokenizer, membranes, config
+        self.levers = levers_for(config) if levers is None else levers
         self.device = next(model.parameters()).device
         self.embed = model.get_input_embeddings()
-        self.context = model.config.text_config.max_position_embeddings - model.config.vision_config.num_image_tokens
         self.num_tokens = model.config.vision_config.num_image_tokens
-        self.first_index = first_index  # global index of this process' first sample (data parallel)
-        self.optimizer = torch.optim.AdamW(membranes.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        warmup, total = max(args.warmup, 0), max(args.steps, 1)
+        self.context = model.config.text_config.max_position_embeddings - self.num_tokens
+        self.first_index = first_index
+        self.optimizer = torch.optim.AdamW(membranes.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        warmup, total = config.warmup, config.steps
 
         def schedule(step):  # linear warm-up, then cosine down to 10%
             if step < warmup:
@@ -1041,202 +1176,278 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step_count = 0
-        self._rollout = None  # (rollout step, codes) kept for --rollout-every
-        self.words = vocabulary_words(tokenizer) if args.augment else []  # context words of --augment
-        self.soft = {}  # concept -> the adversarial soft prompt [tokens, D], re-attacked every --adversarial-every
-        self.references = {}  # concept -> concept pictures [R, N] (teacher samples) that the soft prompt draws
+        self.cached_rollout = None  # (rollout step, codes), for --rollout-every
+        self.words = vocabulary_words(tokenizer) if config.augment else []  # context words of --augment
 
-    @property
-    def rollout_step(self):
-        """The step whose prompts and rollout this step uses (--rollout-every K reuses one for K steps)."""
-        return self.step_count - self.step_count % self.args.rollout_every
+    def step(self):
+        """One optimisation step; returns the metrics line."""
+        c, started = self.config, time.time()
+        batch = Batch(self, self.pick(c.concept, "concept"))    # the step's prompts, tokenised together
+        codes = self.rollout(batch)                              # image tokens, sampled without gradients
+        rollout_seconds = time.time() - started
+        with torch.no_grad(), self.membranes.disabled():          # the teacher: the same model, membranes off
+            teacher = self.distributions(batch, codes, batch.groups + ["surrogate"])
+        target = erasure_target(teacher["concept"], teacher["surrogate"], c.eta)
+        student = self.distributions(batch, codes, batch.groups)  # one teacher-forced pass with gradients
+        step = Step(batch, codes, teacher, student, target)
+        erased = [student["concept"]] + [d for lever in self.levers for d in lever.adversaries(self, step)]
+        terms = {"erase": sum(divergence(d, target, c.loss, c.kl_direction) for d in erased) / len(erased)}
+        loss = terms["erase"]
+        for lever in self.levers:
+            term = lever.loss(self, step)
+            if term is not None:
+                terms[lever.name] = term
+                loss = loss + lever.weight * term
+        return self.update(loss, terms, rollout_seconds, started)
 
-    def _generator(self, index, purpose):
-        """Each sample's randomness comes from (seed, step, global sample index): a sample does not depend on the
-        batch or the process it lands in, and a resumed run repeats it exactly."""
-        return torch.Generator().manual_seed(derived_seed(self.args.seed, self.rollout_step, index, purpose))
-
-    def _pick(self, concepts, purpose):
+    def pick(self, concepts, purpose):
         """batch_size (concept, template) pairs; with --augment, a share of the templates get random edits."""
         picks = []
-        for index in range(self.first_index, self.first_index + self.args.batch_size):
-            generator = self._generator(index, purpose)
+        for index in range(self.first_index, self.first_index + self.config.batch_size):
+            generator = self.generator(index, purpose)
             concept = concepts[int(torch.randint(len(concepts), (), generator=generator))]
-            template = self.args.templates[int(torch.randint(len(self.args.templates), (), generator=generator))]
-            if torch.rand((), generator=generator) < self.args.augment:
+            template = self.config.templates[int(torch.randint(len(self.config.templates), (), generator=generator))]
+            if torch.rand((), generator=generator) < self.config.augment:
                 template = augment_template(template, self.words, generator)
             picks.append((concept, template))
         return picks
 
-    def _soft_prompts(self, picks):
-        """(embeds, uncond, mask) [B, K + ...] of the adversarial soft prompt of each row's concept. Every
-        --adversarial-every steps each soft prompt is attacked anew against the current membranes (warm start)."""
-        args = self.args
-        for concept in args.concept:
-            if concept not in self.references:  # the concept's pictures: the teacher's own samples, fixed seeds
-                with self.membranes.disabled():
-                    self.references[concept] = sample_prompts(
-                        self.model, self.tokenizer, [t.format(concept) for t in args.templates],
-                        list(range(max(1, -(-8 // len(args.templates))))), args.cfg, args.temperature).flatten(0, 1)
-            if self.step_count % args.adversarial_every == 0:
-                generator = torch.Generator().manual_seed(derived_seed(args.seed, self.step_count, concept, "soft"))
-                with torch.enable_grad():
-                    self.soft[concept], _ = optimise_soft_prompt(
-                        self.model, self.tokenizer, self.references[concept], args.adversarial_tokens,
-                        args.adversarial_steps, 1e-2, args.cfg, args.temperature, generator, self.soft.get(concept))
-        inputs = [soft_prompt_inputs(self.model, self.tokenizer, self.soft[c].to(self.device)) for c, _ in picks]
-        return [torch.cat(parts) for parts in zip(*inputs)]
+    @property
+    def rollout_step(self):
+        """The step whose prompts and rollout this step uses (--rollout-every K reuses one for K steps)."""
+        return self.step_count - self.step_count % self.config.rollout_every
 
-    def _distribution(self, logits, name):
-        """What the loss compares: raw conditional logits, or the CFG-combined, tempered ones that are sampled."""
-        if self.args.loss_on == "cond":
-            return logits[name]
-        combined = cfg_combine(logits[name], logits[f"{name}_uncond"], self.args.cfg)
-        return combined / self.args.temperature if self.args.temperature > 0 else combined
+    def generator(self, index, purpose):
+        """Each sample's randomness comes from (seed, step, global sample index): a sample does not depend on the
+        batch or the process it lands in, and a resumed run repeats it exactly."""
+        return torch.Generator().manual_seed(derived_seed(self.config.seed, self.rollout_step, index, purpose))
 
-    def step(self):
-        """One optimisation step; returns the metrics line as a dict."""
-        args, B, started = self.args, self.args.batch_size, time.time()
-        picks = self._pick(args.concept, "concept")
-        prompts = [t.format(c) for c, t in picks]
-        if args.surrogate:
-            prompts += [t.format(args.surrogate) for c, t in picks]
-        if args.anchor == "prompts":
-            prompts += [t.format(c) for c, t in self._pick(args.anchor_prompts, "anchor")]
-        elif args.anchor == "latent":
-            prompts += prompts[:B]
-        # One tokenisation: every row shares the prompt length T, so the image positions line up.
-        input_ids, mask = encode_prompts(self.tokenizer, prompts, self.device, self.context)  # [R, T]
-        cond = self.embed(input_ids)  # [R, T, D]
-        uncond = self.embed(unconditional_ids(input_ids, self.tokenizer))  # the empty prompt of the same length
-        rows = {"concept": slice(0, B)}
-        if args.surrogate:
-            rows["surrogate"] = slice(B, 2 * B)
-        if args.anchor != "none":
-            rows["anchor"] = slice(len(prompts) - B, len(prompts))
-        if args.anchor == "latent":
-            anchor = rows["anchor"]
-            columns = concept_token_positions(self.tokenizer, prompts[anchor], [c for c, _ in picks],
-                                              input_ids[anchor])
-            cond = cond.clone()
-            for i, cols in enumerate(columns):
-                row = anchor.start + i
-                cond[row:row + 1] = latent_anchor_embeds(cond[row:row + 1], [cols],
-                                                         self._generator(self.first_index + i, "latent"))
+    def rollout(self, batch):
+        """Codes of every sampled row group, drawn in one batch without gradients: name -> [B, N]."""
+        if self.cached_rollout is None or self.cached_rollout[0] != self.rollout_step:
+            c, B, names = self.config, self.config.batch_size, list(batch.streams)
+            index = torch.cat([torch.arange(*batch.rows[n][:2]) for n in names]).to(self.device)
+            uniforms = torch.cat([rollout_uniforms(c.seed, self.rollout_step, self.first_index + batch.streams[n], B,
+                                                   self.num_tokens, self.device) for n in names])
+            cfg = torch.full((len(index), 1), c.cfg, device=self.device)
+            if c.rollout == "target":  # the concept rows from the target itself: the teacher at CFG -cfg * eta
+                cfg[:B] = -c.cfg * c.eta
+            with self.membranes.switched(c.rollout == "student"):
+                codes = sample_codes(self.model, batch.cond[index], batch.uncond[index], batch.mask[index], cfg,
+                                     c.temperature, uniforms).split(B)
+            self.cached_rollout = (self.rollout_step, dict(zip(names, codes)))
+        return self.cached_rollout[1]
 
-        # (a) rollouts of the concept (and anchor) prompts, without gradients, in one batch
-        sampled = [rows["concept"]] + ([rows["anchor"]] if "anchor" in rows else [])
-        index = torch.cat([torch.arange(len(prompts))[s] for s in sampled]).to(self.device)
-        if self._rollout is None or self._rollout[0] != self.rollout_step:
-            uniforms = rollout_uniforms(args.seed, self.rollout_step, self.first_index, B, self.num_tokens, self.device)
-            if "anchor" in rows:
-                uniforms = torch.cat([uniforms, rollout_uniforms(args.seed, self.rollout_step, self.first_index + 10 ** 9,
-                                                                 B, self.num_tokens, self.device)])
-            cfg = torch.full((len(index), 1), args.cfg, device=self.device)
-            if args.rollout == "target":  # the concept rows from the target itself: the teacher at CFG -cfg * eta
-                cfg[:B] = -args.cfg * args.eta
-            with self.membranes.switched(args.rollout == "student"):
-                self._rollout = (self.rollout_step, sample_codes(self.model, cond[index], uncond[index], mask[index],
-                                                                 cfg, args.temperature, uniforms).split(B))
-        codes = self._rollout[1]
-        rollout_codes = {"concept": codes[0], "surrogate": codes[0], "anchor": codes[-1]}
-        rollout_seconds = time.time() - started
+    def distributions(self, batch, codes, groups):
+        """What the loss compares for each row group, from ONE teacher-forced pass over all of them."""
+        twins = (False, True) if self.config.loss_on == "cfg" else (False,)
+        views = list(dict.fromkeys(batch.view(g, u) for g in groups for u in twins))
+        parts = [((batch.uncond if v.unconditional else batch.cond)[v.start:v.stop], batch.mask[v.start:v.stop],
+                  codes[v.codes]) for v in views]
+        logits = dict(zip(views, batched_image_logits(self.model, parts)))
+        return {g: self.distribution(logits[batch.view(g)], logits.get(batch.view(g, True))) for g in groups}
 
-        # (b) teacher logits in one no-grad pass, student logits in one pass with gradients
-        def canonical(name):
-            """(row group, unconditional?) that a name stands for; the empty surrogate is the all-pad prompt."""
-            group, is_uncond = name.removesuffix("_uncond"), name.endswith("_uncond")
-            return ("concept", True) if group == "surrogate" and group not in rows else (group, is_uncond)
+    def distribution(self, cond_logits, uncond_logits=None):
+        """Raw conditional logits (--loss-on cond), or the CFG-combined, tempered ones that are sampled (cfg)."""
+        c = self.config
+        if c.loss_on == "cond":
+            return cond_logits
+        combined = cfg_combine(cond_logits, uncond_logits, c.cfg)
+        return combined / c.temperature if c.temperature > 0 else combined
 
-        def forward(names):
-            keys = list(dict.fromkeys(canonical(n) for n in names))
-            parts = [((uncond if u else cond)[rows[g]], mask[rows[g]], rollout_codes[g]) for g, u in keys]
-            logits = dict(zip(keys, batched_image_logits(self.model, parts)))
-            return {n: logits[canonical(n)] for n in names}
-
-        groups = ["concept"] + (["anchor"] if "anchor" in rows else [])
-        suffixes = ["", "_uncond"] if args.loss_on == "cfg" else [""]
-        with torch.no_grad(), self.membranes.disabled():
-            teacher = forward([g + s for g in groups + ["surrogate"] for s in suffixes])
-        student = forward([g + s for g in groups for s in suffixes])
-
-        # (c) the erasure target t = l(surrogate) - eta * (l(concept) - l(surrogate)), and the loss
-        target = erasure_target(self._distribution(teacher, "concept"), self._distribution(teacher, "surrogate"),
-                                args.eta)
-        erase = divergence(self._distribution(student, "concept"), target, args.loss, args.kl_direction)
-        if args.adversarial == "soft":  # the concept's soft prompt gets the concept prompt's target too
-            soft, soft_uncond, soft_mask = self._soft_prompts(picks)
-            adversarial = {name: image_logits(self.model, embeds, soft_mask, rollout_codes["concept"])
-                           for name, embeds in (("soft", soft), ("soft_uncond", soft_uncond))
-                           if args.loss_on == "cfg" or name == "soft"}
-            erase = (erase + divergence(self._distribution(adversarial, "soft"), target, args.loss,
-                                        args.kl_direction)) / 2
-        anchor_loss = torch.zeros((), device=erase.device)
-        if "anchor" in rows:
-            anchor_loss = divergence(self._distribution(student, "anchor"), self._distribution(teacher, "anchor"),
-                                     "kl", args.kl_direction)
-        loss = erase + args.anchor_weight * anchor_loss
-
+    def update(self, loss, terms, rollout_seconds, started):
+        """Backward, average over processes, clip, step; a non-finite step is skipped whole (no schedule advance)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.reduce_gradients()
-        logged = torch.stack([loss.detach(), erase.detach(), anchor_loss.detach()])
-        if distributed():
-            torch.distributed.all_reduce(logged)  # the metrics line reports the mean over all processes
-            logged /= torch.distributed.get_world_size()
-        grads = [p.grad for p in self.membranes.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.membranes.parameters(), args.grad_clip or float("inf"))
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)) and bool(grads)
-        if finite:  # a non-finite step is skipped whole: no update, no schedule advance
-            self.optimizer.step()
-            self.scheduler.step()
-        self.step_count += 1
-        loss_value, erase_value, anchor_value = logged.tolist()
-        return {"step": self.step_count, "loss": loss_value, "erase": erase_value, "anchor": anchor_value,
-                "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0], "finite": finite,
-                "rollout_s": round(rollout_seconds, 4), "step_s": round(time.time() - started, 4)}
-
-    def reduce_gradients(self):
-        """Average the membrane gradients over data-parallel processes (a no-op without torch.distributed)."""
-        if distributed():
+        params = self.membranes.parameters()
+        logged = torch.stack([loss.detach()] + [t.detach() for t in terms.values()])
+        if distributed():  # gradients and the metrics line are the means over all processes
             world = torch.distributed.get_world_size()
-            for p in self.membranes.parameters():
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world
+            torch.distributed.all_reduce(logged)
+            logged /= world
+        has_grads = any(p.grad is not None for p in params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip or float("inf"))
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)) and has_grads
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.step_count += 1
+        return {"step": self.step_count, **dict(zip(["loss", *terms], logged.tolist())),
+                "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0], "finite": finite,
+                "rollout_s": round(rollout_seconds, 4), "step_s": round(time.time() - started, 4)}
 
     def state_dict(self):
         return {"membranes": self.membranes.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step_count,
-                "soft": {c: t.cpu() for c, t in self.soft.items()}}
+                "levers": {lever.name: lever.state_dict() for lever in self.levers}}
 
     def load_state_dict(self, state):
         self.membranes.load_state_dict(state["membranes"], source=STATE_NAME)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])  # no global RNG state: every draw comes from a seeded generator
-        self.soft = {c: t.to(self.device) for c, t in state.get("soft", {}).items()}
+        for lever in self.levers:
+            lever.load_state_dict(state.get("levers", {}).get(lever.name, {}))
+
+
+def distributed():
+    """True inside a torchrun process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+# -----------------------------------------------------------------------------
+# Pictures and files
 
 
 @torch.no_grad()
-def sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature):
-    """Codes [len(prompts), len(seeds), N]: each (prompt, seed) pair is sampled independently of the batch. A seed
-    gives every prompt the same random numbers, so base and erased pictures of one seed are directly comparable."""
-    input_ids, mask = encode_prompts(tokenizer, [p for p in prompts for _ in seeds], next(model.parameters()).device)
-    embed = model.get_input_embeddings()
-    num_tokens = model.config.vision_config.num_image_tokens
-    uniforms = torch.cat([rollout_uniforms(seed, 0, 0, 1, num_tokens) for _ in prompts for seed in seeds])
-    codes = sample_codes(model, embed(input_ids), embed(unconditional_ids(input_ids, tokenizer)), mask, cfg,
-                         temperature, uniforms.to(mask.device))
-    return codes.view(len(prompts), len(seeds), -1)
+def decode_images(model, codes):
+    """Codes [B, N] -> uint8 pixels [B, H, W, 3]."""
+    pixels = model.decode_image_tokens(codes).float()
+    return ((pixels.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).cpu()
+
+
+def image_grid(rows, row_labels, column_labels=None, cell=128, label_width=170):
+    """rows: list of uint8 [K, H, W, 3] tensors -> one labelled PIL image, one row per entry."""
+    from PIL import Image, ImageDraw
+
+    header = 14 if column_labels else 0
+    columns = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_width + columns * (cell + 2), header + len(rows) * (cell + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(column_labels or []):
+        draw.text((label_width + c * (cell + 2) + 2, 1), str(text)[:cell // 6], fill="black")  # ~6 px a character
+    for r, (images, label) in enumerate(zip(rows, row_labels)):
+        y = header + r * (cell + 2)
+        draw.text((4, y + cell // 2 - 6), str(label)[:label_width // 6], fill="black")
+        for c, image in enumerate(images):
+            picture = Image.fromarray(image.numpy()).resize((cell, cell), Image.NEAREST)
+            grid.paste(picture, (label_width + c * (cell + 2), y))
+    return grid
 
 
 def write_sample_grid(path, model, tokenizer, prompts, seeds, cfg, temperature, title=""):
+    """A PNG of every prompt at every seed; returns the codes [P, S, N]."""
     codes = sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature)
-    rows = [decode_images(model, c) for c in codes]
-    grid = image_grid(rows, prompts, [f"{title} seed {s}" for s in seeds])
+    grid = image_grid([decode_images(model, c) for c in codes], prompts, [f"{title} seed {s}" for s in seeds])
     save_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return codes
+
+
+def save_atomic(path, write):
+    """write(tmp_path), fsync, then rename over path: a crash never leaves a half-written file at path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: membranes alone, as safetensors, with the run's whole Config in the metadata
+
+
+def model_signature(model):
+    """The base model's shape, stored with the membranes so that a checkpoint for another model is refused."""
+    text, vq = model.config.text_config, model.config.vq_config
+    return {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
+            "vocab_size": text.vocab_size, "codebook_size": vq.num_embeddings,
+            "num_image_tokens": model.config.vision_config.num_image_tokens}
+
+
+def save_membranes(path, membranes, config, step, world_size=1):
+    from safetensors.torch import save_file
+
+    metadata = {"format": "spm-janus", "config": json.dumps(config.to_dict()), "model": str(config.model),
+                "model_signature": json.dumps(model_signature(membranes.model)),
+                "modules": json.dumps(membranes.names), "rank": str(membranes.rank), "alpha": str(membranes.alpha),
+                "scope": membranes.scope, "concepts": json.dumps(config.concept), "step": str(step),
+                "world_size": str(world_size)}
+    tensors = membranes.state_dict()
+    save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def checkpoint_path(path):
+    """A run directory or its membranes file -> the membranes file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise SPMError(f"--ckpt {path} is a directory without {CHECKPOINT_NAME}: pass a run directory "
+                           f"(the --out of spm_janus.py) or its {CHECKPOINT_NAME}", 2)
+        return path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise SPMError(f"--ckpt {path} does not exist: pass a run directory or its {CHECKPOINT_NAME}", 2)
+    return path
+
+
+def read_checkpoint(path):
+    """(tensors, metadata with 'config' parsed) from a run directory or membranes file; one-line errors."""
+    from safetensors import safe_open
+
+    path = checkpoint_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise SPMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
+                       f"it may be truncated or corrupt", 1) from None
+    try:
+        for key in ("config", "modules", "model_signature"):
+            metadata[key] = json.loads(metadata[key])
+        int(metadata["rank"]), float(metadata["alpha"]), int(metadata["step"])
+        assert metadata["scope"] in ("image", "prompt", "all") and isinstance(metadata["config"], dict)
+    except (KeyError, ValueError, TypeError, AssertionError):
+        raise SPMError(f"{path}: missing or invalid spm-janus metadata: not a membranes file of spm_janus.py", 1) from None
+    return tensors, metadata
+
+
+def load_membranes(path, model, tokenizer):
+    """Rebuild the membranes of a checkpoint on `model` and load their weights. Returns (membranes, metadata)."""
+    tensors, metadata = read_checkpoint(path)
+    signature = model_signature(model)
+    for key, value in metadata["model_signature"].items():
+        if signature.get(key) != value:
+            raise SPMError(f"{path}: made for another model ({metadata['model']}, {key} {value}); this model has "
+                           f"{key} {signature.get(key)}: pass the checkpoint's base model as --model", 1)
+    membranes = Membranes(model, metadata["modules"], int(metadata["rank"]), float(metadata["alpha"]),
+                          metadata["scope"], image_token_ids(tokenizer))
+    try:
+        membranes.load_state_dict(tensors, source=str(path))
+    except SPMError:
+        membranes.detach()
+        raise
+    return membranes, metadata
+
+
+def save_run(out, trainer, world_size=1):
+    """Trainer state first, then the membranes: each file is atomic, and the state holds its own copy of the
+    membranes, so a kill between the two leaves a consistent pair to resume from."""
+    state = trainer.state_dict()
+    save_atomic(out / STATE_NAME, lambda tmp: torch.save(state, tmp))
+    save_membranes(out / CHECKPOINT_NAME, trainer.membranes, trainer.config, trainer.step_count, world_size)
+
+
+def load_trainer_state(path):
+    try:
+        return torch.load(path, weights_only=True)  # never unpickle code from a checkpoint
+    except Exception as e:
+        raise SPMError(f"{path}: cannot be read ({str(e).splitlines()[0][:100]}); it may be truncated or corrupt", 1) from None
 
 
 # -----------------------------------------------------------------------------
@@ -1244,158 +1455,87 @@ def write_sample_grid(path, model, tokenizer, prompts, seeds, cfg, temperature, 
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that names the problem, not a usage dump."""
+    """argparse with a one-line usage error that names the problem, no prefix matching of flags (a typo such as
+    --step must not silently become --steps), and each default said once in the help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsOnce)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class DefaultsOnce(argparse.HelpFormatter):
+    """'(default: X)' after a flag's help, unless the help already says its default or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def build_parser():
-    parser = OneLineParser(prog="spm_janus.py", description="Erase a visual concept from Janus-Pro with SPM membranes.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default="deepseek-community/Janus-Pro-1B",
-                   help="hub id or local directory in transformers' Janus format; 'tiny' = random model built here; "
-                        "'toy' = the toy model trained here")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base weight dtype")
-    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = auto: 1 for models narrower than 512, else torch's default)")
-
-    g = parser.add_argument_group("membranes")
-    g.add_argument("--layers", default="attn", choices=sorted(LAYER_CHOICES),
-                   help="attn = q,k,v,o projections; mlp = gate,up,down; attn+mlp = both")
-    g.add_argument("--modules", default=None,
-                   help="comma-separated subset of the --layers module names, e.g. q_proj,v_proj")
-    g.add_argument("--attn-layer-ids", default=None, help="decoder layers whose attention gets membranes, e.g. 0-5,9 "
-                                                          "(default: all)")
-    g.add_argument("--mlp-layer-ids", default=None, help="decoder layers whose MLP gets membranes (default: all)")
-    g.add_argument("--scope", default="prompt", choices=["image", "prompt", "all"],
-                   help="token positions the membranes act on: the text-prompt positions (the 'text encoder' variant; "
-                        "it erased best on the toy), the image-generation positions (from <begin_of_image>; leaves "
-                        "understanding exactly intact), or all")
-    g.add_argument("--rank", type=int, default=1, help="membrane rank (SPM: 1)")
-    g.add_argument("--alpha", type=float, default=1.0, help="delta scale is alpha / rank")
-
-    g = parser.add_argument_group("prompts")
-    g.add_argument("--concept", action="append", default=None, help="concept to erase; repeat for several")
-    g.add_argument("--templates", action="append", default=None,
-                   help="prompt template containing {}, or a file with one per line; repeatable "
-                        f"(default: {', '.join(repr(t) for t in DEFAULT_TEMPLATES)})")
-    g.add_argument("--surrogate", default="",
-                   help="what the concept is mapped to; '' = the model's own unconditional (all-pad) prompt, "
-                        "or a substitute such as 'real mouse'")
-    g.add_argument("--eta", type=float, default=1.0, help="negative-guidance strength g: t = sur - eta*(con - sur)")
-    g.add_argument("--cfg", type=float, default=None, help="CFG scale of rollouts (default: the model's, 5 for Janus-Pro)")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature of rollouts (default: the model's, 1 for Janus-Pro)")
-
-    g = parser.add_argument_group("loss")
-    g.add_argument("--loss", default="kl", choices=["kl", "mse"], help="divergence on the logits of every image step")
-    g.add_argument("--kl-direction", default="forward", choices=["forward", "reverse"],
-                   help="forward = KL(target || student), reverse = KL(student || target)")
-    g.add_argument("--loss-on", default="cond", choices=["cond", "cfg"],
-                   help="raw conditional logits, or the CFG-combined distribution that is actually sampled")
-    g.add_argument("--rollout", default="student", choices=["student", "teacher", "target"],
-                   help="who samples the concept's image tokens: student (membranes on, on-policy), teacher, or the "
-                        "target itself (teacher with CFG -cfg*eta; needs the empty surrogate)")
-
-    g = parser.add_argument_group("robustness")
-    g.add_argument("--augment", type=float, default=1.0,
-                   help="share of training prompts (concept and anchors) whose template gets 1-3 random edits: words "
-                        "inserted from a generic list the tokenizer spells, deletions, swaps, shuffles, punctuation")
-    g.add_argument("--adversarial", default="soft", choices=["none", "soft"],
-                   help="adversarial training: soft = a soft prompt attacks the membranes every --adversarial-every "
-                        "steps (warm start) and is trained towards the concept's target as well")
-    g.add_argument("--adversarial-every", type=int, default=10, help="steps between attacks of --adversarial")
-    g.add_argument("--adversarial-steps", type=int, default=20, help="Adam steps of each attack")
-    g.add_argument("--adversarial-tokens", type=int, default=4, help="soft prompt length of --adversarial soft")
-
-    g = parser.add_argument_group("anchoring")
-    g.add_argument("--anchor", default=None, choices=["none", "latent", "prompts"],
-                   help="keep other concepts: none; latent = SPM's random prompt embeddings norm-matched to the "
-                        "concept; prompts = --anchor-prompts (default: prompts, with a built-in list of common "
-                        "concepts minus the erased ones)")
-    g.add_argument("--anchor-prompts", action="append", default=None,
-                   help="concept to keep with --anchor prompts; repeatable")
-    g.add_argument("--anchor-weight", type=float, default=3.0, help="weight of the anchor KL(teacher || student)")
-
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=400, help="optimisation steps")
-    g.add_argument("--batch-size", type=int, default=4, help="concept rollouts per step (per process)")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    g.add_argument("--seed", type=int, default=0, help="seed of prompts, rollouts and anchors")
-    g.add_argument("--rollout-every", type=int, default=1,
-                   help="sample a new rollout (and prompts) every K steps, reusing it in between; a resume inside a "
-                        "window samples it anew, so exact resume needs K = 1")
-    g.add_argument("--max-bad-steps", type=int, default=10,
-                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
-
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", default=None, help="run directory (default: runs/<concept>)")
-    g.add_argument("--save-every", type=int, default=50, help="save a checkpoint every K steps (0 = only at the end)")
-    g.add_argument("--sample-every", type=int, default=50,
-                   help="write a PNG grid at step 0, every K steps and at the end (0 = never)")
-    g.add_argument("--sample-prompts", action="append", default=None,
-                   help="unrelated test prompts for the grids (default: three anchor concepts)")
-    g.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="allow --out to hold a different run")
+    """The training flags, one per Config field, grouped as the Config is; unset flags stay out of the Namespace,
+    so that --resume can tell what was given."""
+    parser = OneLineParser(prog="spm_janus.py", usage="%(prog)s --concept CONCEPT [options]\n"
+                           "       %(prog)s export-peft --ckpt RUN --out DIR",
+                           description="Erase a visual concept from Janus-Pro with SPM membranes. "
+                                       "`spm_janus.py export-peft --help`: write scope-all membranes as a PEFT adapter.")
+    groups = {}
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        shown = "" if f.default is None or "default" in meta["help"] else \
+            f" (default: {f.default!r})" if isinstance(f.default, str) else f" (default: {f.default})"
+        kwargs = dict(default=argparse.SUPPRESS, help=meta["help"] + shown, type=meta["type"] or type(f.default))
+        if meta["many"]:
+            kwargs["action"] = "append"
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    groups["output"].add_argument("--resume", default=None, help="run directory to continue from its last checkpoint, "
+                                  "with its own settings; only the flags of the budget and the output may change")
+    groups["output"].add_argument("--overwrite", action="store_true", help="allow --out to hold a different run")
     return parser
 
 
 def read_templates(values):
+    """--templates: strings with {} as they are, files one template a line."""
     templates = []
-    for value in values or DEFAULT_TEMPLATES:
+    for value in values:
         lines = Path(value).read_text().splitlines() if "{}" not in value and Path(value).is_file() else [value]
         templates += [t.strip() for t in lines if t.strip()]
-    bad = [t for t in templates if "{}" not in t or t.count("{") != 1 or t.count("}") != 1]
-    if bad:
-        raise SPMError(f"--templates {bad[0]!r} needs exactly one {{}} for the concept: write it like "
-                       f"'a photo of a {{}}'", 2)
     return templates
 
 
-def check_args(args):
-    """Everything that can be checked before a model is loaded; fills in derived defaults."""
-    if not args.concept or any(not c.strip() for c in args.concept):
-        raise SPMError("--concept is empty: name the concept to erase, e.g. --concept mouse", 2)
-    args.concept = [c.strip() for c in args.concept]
-    if args.surrogate.strip() in args.concept:
-        raise SPMError(f"--surrogate {args.surrogate!r} equals the concept: use '' or a substitute such as "
-                       f"'real {args.concept[0]}'", 2)
-    for flag, value, least in (("--rank", args.rank, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                               ("--rollout-every", args.rollout_every, 1), ("--max-bad-steps", args.max_bad_steps, 1),
-                               ("--adversarial-every", args.adversarial_every, 1),
-                               ("--adversarial-steps", args.adversarial_steps, 0),
-                               ("--adversarial-tokens", args.adversarial_tokens, 1)):
-        if value < least:
-            raise SPMError(f"{flag} {value} must be at least {least}", 2)
-    if not 0 <= args.augment <= 1:
-        raise SPMError(f"--augment {args.augment} is a share of the prompts: give a number from 0 to 1", 2)
-    if args.rollout == "target" and args.surrogate:
-        raise SPMError("--rollout target samples from the empty-surrogate target: drop --surrogate, or use --rollout "
-                       "student", 2)
-    if args.anchor_prompts is not None:
-        args.anchor_prompts = [c.strip() for c in args.anchor_prompts if c.strip()] or None
-    if args.anchor == "prompts" and not args.anchor_prompts:
-        raise SPMError("--anchor prompts needs --anchor-prompts: name concepts to keep, e.g. --anchor-prompts cat "
-                       "--anchor-prompts car (or leave --anchor unset for the built-in list)", 2)
-    if isinstance(args.modules, str):
-        args.modules = [m.strip() for m in args.modules.split(",") if m.strip()]
-    check_modules(args.layers, args.modules)
-    args.templates = read_templates(args.templates)
-    if args.resume:
-        args.out = args.resume
-    args.out = args.out or os.path.join("runs", "_".join(c.replace(" ", "-") for c in args.concept))
+def config_from_args(args):
+    """The Config of the flags given; with --resume, the run's own Config with them, refused if one changes the
+    method (only the budget and the output may change)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    if "templates" in given:
+        given["templates"] = read_templates(given["templates"])
+    if not args.resume:
+        return Config(**given)
+    run = Path(args.resume)
+    if not (run / CHECKPOINT_NAME).is_file():
+        raise SPMError(f"--resume {run}: no {CHECKPOINT_NAME} there; pass the --out directory of an earlier run", 2)
+    previous = Config.from_dict(read_checkpoint(run / CHECKPOINT_NAME)[1]["config"])
+    given.pop("out", None)  # the run directory is the one resumed
+    wanted = dataclasses.replace(previous, **given, out=args.resume)
+    for f in dataclasses.fields(Config):
+        if not f.metadata["resumable"] and f.name != "out" and getattr(wanted, f.name) != getattr(previous, f.name):
+            raise SPMError(f"--resume {args.resume}: --{f.name.replace('_', '-')} was {getattr(previous, f.name)!r} "
+                           f"in that run, now {getattr(wanted, f.name)!r}; resume with the run's method flags (only "
+                           f"--steps and the output flags may change)", 2)
+    return wanted
 
 
-def prepare_out_dir(args):
-    """The run directory; refuses one that holds a different run unless --resume or --overwrite."""
-    out = Path(args.out)
-    if args.resume and not (out / CHECKPOINT_NAME).is_file():
-        raise SPMError(f"--resume {out}: no {CHECKPOINT_NAME} there; pass the --out directory of an earlier run", 2)
+def prepare_out_dir(out, resume=False, overwrite=False):
+    """The run directory; refuses one that holds a different run unless resuming or overwriting."""
+    out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test{os.getpid()}"
@@ -1403,23 +1543,10 @@ def prepare_out_dir(args):
         probe.unlink()
     except OSError as e:
         raise SPMError(f"--out {out} cannot be written ({e.strerror or e}): choose another directory", 2) from None
-    if (out / CHECKPOINT_NAME).exists() and not args.resume and not args.overwrite:
+    if (out / CHECKPOINT_NAME).exists() and not resume and not overwrite:
         raise SPMError(f"--out {out} already holds a run: pass --resume {out} to continue it, --overwrite to "
                        f"replace it, or another --out", 2)
     return out
-
-
-def check_resume(args):
-    """The run to resume must be the same method; only the budget (--steps and output cadence) may change."""
-    _, metadata = read_checkpoint(Path(args.resume) / CHECKPOINT_NAME)
-    previous = metadata["config"]
-    for key in METHOD_KEYS:
-        if key == "anchor" and args.anchor is None:  # left to its default: the run's resolved anchoring
-            args.anchor, args.anchor_prompts = previous.get("anchor"), previous.get("anchor_prompts")
-        if key in previous and key != "anchor_prompts" and previous[key] != getattr(args, key):
-            raise SPMError(f"--resume {args.resume}: --{key.replace('_', '-')} was {previous[key]!r} in that run, "
-                           f"now {getattr(args, key)!r}; resume with the same method flags (only --steps may change)", 2)
-    return previous
 
 
 def setup_distributed(device):
@@ -1433,21 +1560,6 @@ def setup_distributed(device):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     return torch.distributed.get_rank(), world, device
-
-
-def save_run(out, trainer, config):
-    """Trainer state first, then the membranes: each file is atomic, and the state holds its own copy of the
-    membranes, so a kill between the two leaves a consistent pair to resume from."""
-    state = trainer.state_dict()
-    save_atomic(out / STATE_NAME, lambda tmp: torch.save(state, tmp))
-    save_membranes(out / CHECKPOINT_NAME, trainer.membranes, config, trainer.step_count)
-
-
-def load_trainer_state(path):
-    try:
-        return torch.load(path, weights_only=True)  # never unpickle code from a checkpoint
-    except Exception as e:
-        raise SPMError(f"{path}: cannot be read ({str(e).splitlines()[0][:100]}); it may be truncated or corrupt", 1) from None
 
 
 class StopSignal:
@@ -1474,106 +1586,87 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def train(args):
-    check_args(args)
-    device = pick_device(args.device)
-    previous = check_resume(args) if args.resume else None
-    config = load_config(args.model)  # a missing model leaves no empty run directory behind
-    out = prepare_out_dir(args)
-    set_threads(args.threads, config, device)
-    membrane_targets(config.text_config.num_hidden_layers, args.layers, args.modules, args.attn_layer_ids,
-                     args.mlp_layer_ids)  # bad layer ids fail here, before any weights load
+def train(config, resume=False, overwrite=False):
+    """Train the membranes of a Config into config.out; returns the resolved Config."""
+    device = pick_device(config.device)
+    model_config = load_config(config.model)  # a missing model leaves no empty run directory behind
+    out = prepare_out_dir(config.out, resume, overwrite)
+    set_threads(config.threads, model_config, device)
+    membrane_targets(model_config.text_config.num_hidden_layers, config.layers, config.modules,
+                     config.attn_layer_ids, config.mlp_layer_ids)  # bad layer ids fail here, before any weights load
     rank, world, device = setup_distributed(device)
-    rank_zero = rank == 0
-
-    model, tokenizer = load_model(args.model, args.dtype, device)
-    default_cfg, default_temperature = generation_defaults(model)
-    args.cfg = default_cfg if args.cfg is None else args.cfg
-    args.temperature = default_temperature if args.temperature is None else args.temperature
-    unknown = [c for c in args.concept + [args.surrogate] if c and c not in known_concepts(tokenizer, [c])]
-    if unknown:
-        raise SPMError(f"{unknown[0]!r} has words this model's tokenizer cannot spell: choose another word", 2)
-    if args.anchor is None:
-        args.anchor = "prompts"
-        args.anchor_prompts = args.anchor_prompts or \
-            [c for c in known_concepts(tokenizer, COMMON_CONCEPTS) if c not in args.concept]
-    if previous is not None and args.anchor_prompts != previous.get("anchor_prompts"):
-        raise SPMError(f"--resume {args.resume}: --anchor-prompts was {previous.get('anchor_prompts')!r} in that run, "
-                       f"now {args.anchor_prompts!r}; resume with the same method flags", 2)
-    context = model.config.text_config.max_position_embeddings - model.config.vision_config.num_image_tokens
-    for prompt in [t.format(c) for c in args.concept + [args.surrogate] + (args.anchor_prompts or [])
-                   for t in args.templates]:
-        encode_prompts(tokenizer, [prompt], device, context)  # one-line error for a prompt over the context
-
-    membranes = attach_membranes(model, tokenizer, args.layers, args.modules, args.attn_layer_ids,
-                                 args.mlp_layer_ids, args.rank, args.alpha, args.scope, args.seed)
-    trainer = Trainer(model, tokenizer, membranes, args, first_index=rank * args.batch_size)
-    config = dict(vars(args), world_size=world)
-    if args.resume:
+    model, tokenizer = load_model(config.model, config.dtype, device)
+    config = config.resolved(model, tokenizer)
+    membranes = attach_for(model, tokenizer, config)
+    trainer = Trainer(model, tokenizer, membranes, config, first_index=rank * config.batch_size)
+    if resume:
         trainer.load_state_dict(load_trainer_state(out / STATE_NAME))
-    sample_prompts_ = args.sample_prompts or [f"a {c}" for c in args.concept] + \
-        [f"a {c}" for c in (args.anchor_prompts or known_concepts(tokenizer, COMMON_CONCEPTS))[:3]
-         if c not in args.concept]
+    writes = rank == 0  # only rank 0 writes checkpoints, grids and the metrics
 
     def write_grid():
-        if rank_zero and args.sample_every:
+        if writes and config.sample_every:
             path = out / "samples" / f"step_{trainer.step_count:06d}.png"
             path.parent.mkdir(exist_ok=True)
-            write_sample_grid(path, model, tokenizer, sample_prompts_, [0, 1, 2, 3], args.cfg, args.temperature,
-                              f"step {trainer.step_count}")
+            write_sample_grid(path, model, tokenizer, config.sample_prompts, [0, 1, 2, 3], config.cfg,
+                              config.temperature, f"step {trainer.step_count}")
 
-    if rank_zero:
+    if writes:
         share = 100 * membranes.num_parameters() / sum(p.numel() for p in model.parameters())
         print(f"{len(membranes.names)} membranes, {membranes.num_parameters()} parameters ({share:.4f}% of the "
-              f"model), scope {args.scope}, cfg {args.cfg}, temperature {args.temperature}, "
-              f"batch {args.batch_size} x {world} process(es), out {out}")
+              f"model), scope {config.scope}, cfg {config.cfg}, temperature {config.temperature}, "
+              f"batch {config.batch_size} x {world} process(es), out {out}")
     if trainer.step_count == 0:
         write_grid()
     from tqdm import tqdm
 
-    progress = tqdm(range(trainer.step_count, args.steps), initial=trainer.step_count, total=args.steps,
-                    disable=not rank_zero, dynamic_ncols=True)
-    bad_steps = 0
-    with StopSignal() as stop, (open(out / "metrics.jsonl", "a") if rank_zero else contextlib.nullcontext()) as log:
+    progress = tqdm(range(trainer.step_count, config.steps), initial=trainer.step_count, total=config.steps,
+                    disable=not writes, dynamic_ncols=True)
+    bad_steps, terms = 0, [lever.name for lever in trainer.levers]
+    with StopSignal() as stop, (open(out / "metrics.jsonl", "a") if writes else contextlib.nullcontext()) as log:
         for _ in progress:
             metrics = trainer.step()
             bad_steps = 0 if metrics["finite"] else bad_steps + 1
             if not metrics["finite"]:
                 tqdm.write(f"warning: step {trainer.step_count}: non-finite loss or gradient, step skipped",
                            file=sys.stderr)
-                if bad_steps >= args.max_bad_steps:
+                if bad_steps >= config.max_bad_steps:
                     raise SPMError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped. The last "
                                    f"good checkpoint is kept in {out}: lower --lr or use --dtype float32", 1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", erase=f"{metrics['erase']:.4f}",
-                                 anchor=f"{metrics['anchor']:.4f}")
-            if rank_zero:
+            progress.set_postfix({k: f"{metrics[k]:.4f}" for k in ["loss", "erase", *terms] if k in metrics})
+            if writes:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
             step = trainer.step_count
             if stop.received is not None:
-                if rank_zero:
-                    save_run(out, trainer, config)
+                if writes:
+                    save_run(out, trainer, world)
                     print(f"\ninterrupted: saved {out / CHECKPOINT_NAME} at step {step}; continue with "
                           f"--resume {out}", file=sys.stderr)
                 sys.exit(128 + stop.received)
-            if rank_zero and args.save_every and step % args.save_every == 0 and step < args.steps:
-                save_run(out, trainer, config)
-            if args.sample_every and step % args.sample_every == 0 and step < args.steps:
+            if writes and config.save_every and step % config.save_every == 0 and step < config.steps:
+                save_run(out, trainer, world)
+            if config.sample_every and step % config.sample_every == 0 and step < config.steps:
                 write_grid()
-    if rank_zero:
-        save_run(out, trainer, config)
+    if writes:
+        save_run(out, trainer, world)
         write_grid()
         print(f"saved {out / CHECKPOINT_NAME} at step {trainer.step_count}")
-    return out
+    return config
 
 
 def export_main(argv):
+    """`spm_janus.py export-peft`: the PEFT export lives in inference.py, beside this file."""
     parser = OneLineParser(prog="spm_janus.py export-peft",
                            description="Write membranes of scope all as a PEFT LoRA adapter.")
-    parser.add_argument("--ckpt", required=True, help="membranes.safetensors of a run trained with --scope all")
+    parser.add_argument("--ckpt", required=True, help="run directory (or its membranes.safetensors), trained with "
+                                                      "--scope all")
     parser.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
     args = parser.parse_args(argv)
-    print(f"wrote {export_peft(args.ckpt, args.out)}")
+    try:
+        import inference
+    except ImportError:
+        raise SPMError("export-peft needs inference.py from spm-janus next to spm_janus.py", 1) from None
+    print(f"wrote {inference.export_peft(args.ckpt, args.out)}")
 
 
 def main(argv=None):
@@ -1581,7 +1674,8 @@ def main(argv=None):
     try:
         if argv[:1] == ["export-peft"]:
             return export_main(argv[1:])
-        train(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        train(config_from_args(args), resume=bool(args.resume), overwrite=args.overwrite)
     except SPMError as e:
         print(f"spm_janus.py: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -1,8 +1,10 @@
 """Tests on tiny random Janus models built in-process: exact equalities, no downloads."""
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,9 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+import attack
+import evaluation
+import inference
 import spm_janus as spm
 
 torch.set_num_threads(1)  # tiny matmuls: more threads only add contention
@@ -24,22 +29,23 @@ def tiny():
     return model.eval().requires_grad_(False), tokenizer
 
 
-def train_args(**overrides):
-    args = spm.build_parser().parse_args(["--model", "tiny", "--concept", "mouse"])
-    args.templates, args.cfg, args.temperature = list(spm.DEFAULT_TEMPLATES), 5.0, 1.0
-    args.anchor_prompts = ["cat", "car"]
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+def train_config(model, tokenizer, **settings):
+    """A resolved Config on the tiny model. Cheap unless a test asks otherwise: no adversarial soft prompt and no
+    augmentation (the defaults, which every test would otherwise pay for), anchors cat and car."""
+    cheap = dict(model="tiny", concept="mouse", adversarial="none", augment=0.0, anchor_prompts=["cat", "car"])
+    return spm.Config(**{**cheap, **settings}).resolved(model, tokenizer)
 
 
-def randomise(membranes, seed=0):
+RUN = spm.Config(model="tiny", concept="mouse")  # the settings saved with membranes made by hand
+
+
+def randomise(membranes, seed=0, scale=0.5):
     """Stand-in for trained membranes: non-zero up factors."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in membranes.modules.values():
-            m.up.weight.copy_(torch.randn(m.up.weight.shape, generator=generator) * 0.5)
-            m.down.weight.copy_(torch.randn(m.down.weight.shape, generator=generator) * 0.5)
+            m.up.weight.copy_(torch.randn(m.up.weight.shape, generator=generator) * scale)
+            m.down.weight.copy_(torch.randn(m.down.weight.shape, generator=generator) * scale)
 
 
 def prompt_batch(model, tokenizer, prompts=PROMPTS):
@@ -84,7 +90,7 @@ def test_disabled_is_exact_base_and_state_restored_after_exception():
     codes = codes_for(model, tokenizer)
     base = all_logits(model, tokenizer, codes)
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="image")
-    trainer = spm.Trainer(model, tokenizer, membranes, train_args(lr=0.05, steps=3, batch_size=2))
+    trainer = spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, lr=0.05, steps=3, batch_size=2))
     for _ in range(3):
         trainer.step()
     erased = all_logits(model, tokenizer, codes)
@@ -239,20 +245,21 @@ def membrane_deltas(membranes, run):
     return seen
 
 
-@pytest.mark.parametrize("scope,prompt_changes,image_changes", [("image", False, True), ("prompt", True, True),
-                                                                ("all", True, True)])
-def test_scope(scope, prompt_changes, image_changes):
+@pytest.mark.parametrize("scope,prompt_changes,text_changes", [("image", False, False), ("prompt", True, False),
+                                                               ("all", True, True)])
+def test_scope(scope, prompt_changes, text_changes):
     model, tokenizer = tiny()
     codes = codes_for(model, tokenizer)
     base_prompt, base_image = prompt_and_image_hidden(model, tokenizer, codes)
     base_text = text_only_logits(model, tokenizer)
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope=scope)
-    trainer = spm.Trainer(model, tokenizer, membranes, train_args(lr=0.05, steps=2, batch_size=2, scope=scope))
+    config = train_config(model, tokenizer, lr=0.05, steps=2, batch_size=2, scope=scope)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
     trainer.step(), trainer.step()
     prompt_hidden, image_hidden = prompt_and_image_hidden(model, tokenizer, codes)
     assert torch.equal(prompt_hidden, base_prompt) != prompt_changes
-    assert torch.equal(torch.as_tensor(text_only_logits(model, tokenizer)), base_text) != prompt_changes
-    assert torch.equal(image_hidden, base_image) != image_changes
+    assert torch.equal(text_only_logits(model, tokenizer), base_text) != text_changes  # no image drawn: no prompt
+    assert not torch.equal(image_hidden, base_image)  # the image always changes: directly, or through the prompt
 
     # Position by position, against a hand-built gate: generation starts AT <begin_of_image>, which predicts the
     # first image token. A gate one position off passes the checks above and native generate, which shares it.
@@ -324,7 +331,7 @@ def test_steps_lower_the_loss_on_a_fixed_rollout_and_only_membranes_change(loss,
     model, tokenizer = tiny()
     base_params = {n: p.clone() for n, p in model.named_parameters()}
     membranes = spm.attach_membranes(model, tokenizer, layers="attn", scope="image")
-    args = train_args(loss=loss, loss_on=loss_on, lr=0.02, warmup=0, steps=30, batch_size=2, anchor="none")
+    args = train_config(model, tokenizer, loss=loss, loss_on=loss_on, lr=0.02, warmup=0, steps=30, batch_size=2, anchor="none")
     trainer = spm.Trainer(model, tokenizer, membranes, args)
     trainer.step_count = 0
     losses = []
@@ -346,10 +353,91 @@ def test_steps_lower_the_loss_on_a_fixed_rollout_and_only_membranes_change(loss,
 def test_anchoring_adds_a_loss_term(anchor):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="image")
-    trainer = spm.Trainer(model, tokenizer, membranes, train_args(anchor=anchor, lr=0.05, batch_size=2))
+    config = train_config(model, tokenizer, anchor=anchor, lr=0.05, batch_size=2)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
     first, second = trainer.step(), trainer.step()
     assert first["anchor"] == 0.0  # fresh membranes: the student is the teacher
     assert second["anchor"] > 0.0
+    assert second["loss"] == pytest.approx(second["erase"] + config.anchor_weight * second["anchor"], rel=1e-6)
+
+
+def test_anchor_none_adds_no_anchor_term_and_no_rows():
+    """A Trainer given anchor none trains the erasure alone: no anchor rows in the batch (they were once the concept
+    rows themselves, held to the teacher against the erasure), no anchor term in the loss."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    trainer = spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, anchor="none", batch_size=2))
+    batch = spm.Batch(trainer, trainer.pick(["mouse"], "concept"))
+    assert list(batch.rows) == ["concept", "surrogate"] and batch.input_ids.shape[0] == 2 and trainer.levers == []
+    metrics = trainer.step()
+    assert "anchor" not in metrics and metrics["loss"] == metrics["erase"]
+
+
+def test_a_trainer_refuses_an_unresolved_config():
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    with pytest.raises(spm.SPMError, match="resolved Config"):
+        spm.Trainer(model, tokenizer, membranes, spm.Config(model="tiny", concept="mouse"))
+    resolved = spm.Config(model="tiny", concept="mouse").resolved(model, tokenizer)
+    assert resolved.anchor == "prompts" and "mouse" not in resolved.anchor_prompts and "cat" in resolved.anchor_prompts
+    assert (resolved.cfg, resolved.temperature, resolved.templates) == (5.0, 1.0, list(spm.DEFAULT_TEMPLATES))
+    assert resolved.sample_prompts == ["a mouse", "a person", "a cat", "a dog"]
+
+
+def test_a_lever_plugs_in_without_touching_the_step():
+    """A lever adds its rows to the step's batch (sampled, with teacher and student logits) and its loss term; the
+    step sums the terms with their weights and logs each by name."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="image")
+    randomise(membranes)
+    seen = {}
+
+    class KeepTrees(spm.Lever):
+        name, weight, stream = "trees", 0.5, 7
+
+        def prompts(self, trainer, picks):
+            return ["a tree"] * len(picks)
+
+        def loss(self, trainer, step):
+            seen["rows"], seen["codes"] = step.batch.rows[self.name], step.codes[self.name]
+            return spm.divergence(step.student[self.name], step.teacher[self.name])
+
+    config = train_config(model, tokenizer, anchor="none", batch_size=2)
+    trainer = spm.Trainer(model, tokenizer, membranes, config, levers=[KeepTrees()])
+    batch = spm.Batch(trainer, trainer.pick(config.concept, "concept"))  # what the first step will tokenise
+    rows = slice(2, 4)  # its rows come after the concept's; their rollout noise is its own stream of indices
+    expected = spm.sample_codes(model, batch.cond[rows], batch.uncond[rows], batch.mask[rows], config.cfg,
+                                config.temperature, spm.rollout_uniforms(config.seed, 0, 7, 2, 64))
+    metrics = trainer.step()
+    assert seen["rows"] == spm.Rows(2, 4, codes="trees") and torch.equal(seen["codes"], expected)
+    assert metrics["trees"] > 0 and metrics["loss"] == pytest.approx(metrics["erase"] + 0.5 * metrics["trees"])
+
+
+@pytest.mark.parametrize("settings,needle", [
+    (dict(concept=""), "--concept is empty"), (dict(surrogate="mouse"), "--surrogate"),
+    (dict(anchor="prompts"), "--anchor-prompts"), (dict(modules="foo_proj"), "foo_proj"),
+    (dict(rank=0), "--rank 0 must be at least 1"), (dict(steps=-3), "--steps -3"), (dict(batch_size=0), "--batch-size"),
+    (dict(scope="text"), "--scope 'text': choose from prompt, image, all"), (dict(augment=2), "--augment"),
+    (dict(lr=0), "--lr"), (dict(templates=["a photo"]), "exactly one {}"), (dict(rollout="target", surrogate="real mouse"),
+                                                                              "--rollout target"),
+    (dict(save_every=-1), "--save-every"), (dict(adversarial_tokens=0), "--adversarial-tokens")])
+def test_config_validates_once_with_one_line_errors(settings, needle):
+    with pytest.raises(spm.SPMError, match=re.escape(needle)) as error:
+        spm.Config(**{"concept": "mouse", **settings})
+    assert error.value.exit_code == 2 and "\n" not in str(error.value)
+
+
+def test_config_round_trips_and_the_command_line_is_made_from_it(tmp_path):
+    config = spm.Config(model="tiny", concept=[" mouse "], modules="q_proj, v_proj", anchor_prompts=["cat", " "])
+    assert config.concept == ["mouse"] and config.modules == ["q_proj", "v_proj"] and config.anchor_prompts == ["cat"]
+    assert config.out == os.path.join("runs", "mouse")
+    assert spm.Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert spm.Config.from_dict({**config.to_dict(), "resume": None, "world_size": 2}) == config  # older checkpoints
+    flags = {a.dest for a in spm.build_parser()._actions} - {"help", "resume", "overwrite"}
+    assert flags == {f.name for f in dataclasses.fields(spm.Config)}
+    (tmp_path / "t.txt").write_text("a {}\n\nthe {} here\n")
+    args = spm.build_parser().parse_args(["--concept", "cat", "--templates", str(tmp_path / "t.txt"), "--rank", "2"])
+    assert spm.config_from_args(args) == spm.Config(concept="cat", templates=["a {}", "the {} here"], rank=2)
 
 
 def test_every_sample_of_a_batch_has_its_own_randomness():
@@ -360,13 +448,14 @@ def test_every_sample_of_a_batch_has_its_own_randomness():
     assert torch.equal(spm.rollout_uniforms(0, 3, 2, 2, 64), uniforms[2:])
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="image")
-    args = train_args(batch_size=4, concept=list(spm.COMMON_CONCEPTS))
-    whole, second_half = spm.Trainer(model, tokenizer, membranes, args), \
-        spm.Trainer(model, tokenizer, membranes, train_args(batch_size=2, concept=args.concept), first_index=2)
-    picks = whole._pick(args.concept, "concept")
+    config = train_config(model, tokenizer, batch_size=4, concept=list(spm.COMMON_CONCEPTS))
+    whole = spm.Trainer(model, tokenizer, membranes, config)
+    second_half = spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, batch_size=2,
+                                                                        concept=config.concept), first_index=2)
+    picks = whole.pick(config.concept, "concept")
     assert len(set(picks)) > 1, picks  # one pick for all would be the sample index left out of the seed
-    assert second_half._pick(args.concept, "concept") == picks[2:]
-    draws = [torch.rand(8, generator=whole._generator(i, "latent")) for i in range(2)]
+    assert second_half.pick(config.concept, "concept") == picks[2:]
+    draws = [torch.rand(8, generator=whole.generator(i, "latent")) for i in range(2)]
     assert not torch.equal(*draws)
 
 
@@ -421,9 +510,9 @@ def trainer_target(eta, surrogate):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all")
     randomise(membranes)  # the student differs from the teacher: a target taken from the student would show
-    trainer = spm.Trainer(model, tokenizer, membranes, train_args(eta=eta, surrogate=surrogate, anchor="none",
+    trainer = spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, eta=eta, surrogate=surrogate, anchor="none",
                                                                   batch_size=2))
-    picks = trainer._pick(trainer.args.concept, "concept")
+    picks = trainer.pick(trainer.config.concept, "concept")
     targets, divergence = [], spm.divergence
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(spm, "divergence",
@@ -433,7 +522,7 @@ def trainer_target(eta, surrogate):
     prompts = [t.format(c) for c, t in picks] + [t.format(surrogate) for _, t in picks if surrogate]
     input_ids, mask = spm.encode_prompts(tokenizer, prompts)
     surrogate_rows = (input_ids[2:], mask[2:]) if surrogate else (spm.unconditional_ids(input_ids, tokenizer), mask)
-    embed, codes = model.get_input_embeddings(), trainer._rollout[1][0]
+    embed, codes = model.get_input_embeddings(), trainer.cached_rollout[1]["concept"]
     with torch.no_grad(), membranes.disabled():
         concept = spm.image_logits(model, embed(input_ids[:2]), mask[:2], codes)
         surrogate_logits = spm.image_logits(model, embed(surrogate_rows[0]), surrogate_rows[1], codes)
@@ -469,7 +558,7 @@ def test_checkpoint_round_trip_into_a_fresh_model(tmp_path):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", attn_layer_ids="1", scope="image")
     randomise(membranes)
-    config = vars(train_args(layers="attn+mlp", attn_layer_ids="1"))
+    config = spm.Config(model="tiny", concept="mouse", layers="attn+mlp", attn_layer_ids="1")
     spm.save_membranes(tmp_path / "m.safetensors", membranes, config, step=7)
     codes = codes_for(model, tokenizer)
     expected = all_logits(model, tokenizer, codes)
@@ -480,7 +569,9 @@ def test_checkpoint_round_trip_into_a_fresh_model(tmp_path):
     assert metadata["config"]["layers"] == "attn+mlp" and metadata["config"]["concept"] == ["mouse"]
     assert metadata["modules"] == membranes.names and metadata["step"] == "7"
     assert metadata["model"] == "tiny" and metadata["scope"] == "image" and metadata["rank"] == "1"
-    assert set(metadata["config"]) >= set(spm.METHOD_KEYS)
+    assert set(metadata["config"]) == {f.name for f in dataclasses.fields(spm.Config)}
+    assert spm.Config.from_dict(metadata["config"]) == spm.Config(model="tiny", concept="mouse", layers="attn+mlp",
+                                                                  attn_layer_ids="1")
 
 
 def test_resume_needs_no_global_rng_state(tmp_path):
@@ -491,7 +582,7 @@ def test_resume_needs_no_global_rng_state(tmp_path):
     def trainer():
         model, tokenizer = tiny()
         membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="image")
-        return spm.Trainer(model, tokenizer, membranes, train_args(lr=0.05, warmup=1, steps=2, batch_size=2,
+        return spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, lr=0.05, warmup=1, steps=2, batch_size=2,
                                                                    anchor="latent"))
 
     def step(trainer, global_seed):
@@ -504,7 +595,7 @@ def test_resume_needs_no_global_rng_state(tmp_path):
     step(interrupted, 2)
     torch.save(interrupted.state_dict(), tmp_path / spm.STATE_NAME)
     state = spm.load_trainer_state(tmp_path / spm.STATE_NAME)
-    assert set(state) == {"membranes", "optimizer", "scheduler", "step", "soft"}
+    assert set(state) == {"membranes", "optimizer", "scheduler", "step", "levers"}
     resumed = trainer()
     resumed.load_state_dict(state)
     last = step(resumed, 3)
@@ -517,7 +608,7 @@ def test_checkpoint_for_another_model_is_rejected(tmp_path):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="image")
     path = tmp_path / "m.safetensors"
-    spm.save_membranes(path, membranes, vars(train_args()), step=1)
+    spm.save_membranes(path, membranes, RUN, step=1)
     from transformers import JanusForConditionalGeneration
     wider = JanusForConditionalGeneration(spm.janus_config(len(tokenizer), hidden=32, heads=2))
     with pytest.raises(spm.SPMError, match="another model"):
@@ -533,7 +624,7 @@ def test_checkpoint_for_a_model_of_the_same_linears_is_rejected_by_its_signature
     signature in the metadata tells the models apart."""
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="image")
-    spm.save_membranes(tmp_path / "m.safetensors", membranes, vars(train_args()), step=1)
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, RUN, step=1)
     from transformers import JanusForConditionalGeneration
     config = spm.janus_config(len(tokenizer), image_token_id=model.config.image_token_id, **change)
     other = JanusForConditionalGeneration(config).eval()
@@ -608,11 +699,19 @@ def test_sample_without_checkpoint_on_tiny(tmp_path):
     (["--rank", "0"], "--rank"),
     (["--steps", "0"], "--steps"),
 ])
-def test_cli_bad_input_is_one_line(tmp_path, argv, needle):
-    result = run_cli("spm_janus.py", "--model", "tiny", "--concept", "mouse", "--out", str(tmp_path / "r"), *argv)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+def test_cli_bad_input_is_one_line(tmp_path, argv, needle, capsys):
+    code = main_exit_code(spm.main, ["--model", "tiny", "--concept", "mouse", "--out", str(tmp_path / "r"), *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in lines[0], lines
+
+
+def main_exit_code(main, argv):
+    """Run a script's main() in this process (a Python start costs seconds): its exit code, 0 without SystemExit."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
 def test_sample_with_checkpoint_of_another_model_is_one_line(tmp_path):
@@ -620,7 +719,7 @@ def test_sample_with_checkpoint_of_another_model_is_one_line(tmp_path):
     from transformers import JanusForConditionalGeneration
     other = JanusForConditionalGeneration(spm.janus_config(len(tokenizer), hidden=32, heads=2))
     membranes = spm.attach_membranes(other, tokenizer, scope="image")
-    spm.save_membranes(tmp_path / "m.safetensors", membranes, vars(train_args()), step=1)
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, RUN, step=1)
     result = run_cli("sample.py", "--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "another model" in lines[0], result.stderr
@@ -637,16 +736,20 @@ def test_merge_and_unmerge():
     model, tokenizer = tiny()
     weights = {n: p.clone() for n, p in model.named_parameters()}
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all")
-    randomise(membranes)
+    # Factors of 0.1 move the logits by about 0.07 and merging rounds W + delta by about 4e-8; at 0.5 the deltas
+    # dwarf W and float32 rounding of W + delta reached 2e-4 on some CPUs.
+    randomise(membranes, scale=0.1)
     codes = codes_for(model, tokenizer)
     unmerged = all_logits(model, tokenizer, codes)
+    with membranes.disabled():
+        assert (all_logits(model, tokenizer, codes) - unmerged).abs().max() > 1e-2
     membranes.merge()
-    torch.testing.assert_close(all_logits(model, tokenizer, codes), unmerged, rtol=0, atol=1e-4)
+    torch.testing.assert_close(all_logits(model, tokenizer, codes), unmerged, rtol=0, atol=1e-6)
     with pytest.raises(spm.SPMError, match="unmerge"):
         with membranes.disabled():
             pass
-    membranes.unmerge()  # W back to float rounding (checked to 1e-6 below), so the logits to 1e-4
-    torch.testing.assert_close(all_logits(model, tokenizer, codes), unmerged, rtol=0, atol=1e-4)
+    membranes.unmerge()  # W back to float rounding (checked to 1e-6 below)
+    torch.testing.assert_close(all_logits(model, tokenizer, codes), unmerged, rtol=0, atol=1e-6)
     membranes.detach()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, weights[name], rtol=0, atol=1e-6)
@@ -675,7 +778,9 @@ def checkpoint_step(path):
         return 0
 
 
-TRAIN = ["spm_janus.py", "--model", "tiny", "--concept", "mouse", "--batch-size", "2", "--sample-every", "0"]
+# the default levers, at a fraction of their cost: a 2-step soft-prompt attack
+TRAIN = ["spm_janus.py", "--model", "tiny", "--concept", "mouse", "--batch-size", "2", "--sample-every", "0",
+         "--adversarial-steps", "2"]
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -725,7 +830,7 @@ def test_truncated_and_corrupt_checkpoints_are_rejected_by_name(tmp_path):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="image")
     good = tmp_path / "good.safetensors"
-    spm.save_membranes(good, membranes, vars(train_args()), step=1)
+    spm.save_membranes(good, membranes, RUN, step=1)
     data = good.read_bytes()
     truncated, garbage, no_meta = tmp_path / "truncated.safetensors", tmp_path / "garbage.safetensors", tmp_path / "m.safetensors"
     truncated.write_bytes(data[:len(data) // 2])
@@ -766,19 +871,20 @@ def test_mismatched_tensor_names_are_rejected(tmp_path):
     (["--model", "/nonexistent/janus"], 1, "no such directory"),
     (["--concept", "zebra"], 2, "cannot spell"),
 ])
-def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, argv, code, needle):
+def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, argv, code, needle, capsys):
     if needle == "CUDA" and torch.cuda.is_available():
         argv = ["--device", "cuda:99"]
-    result = run_cli(*TRAIN, "--steps", "1", "--out", str(tmp_path / "r"), *argv)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == code and len(lines) == 1 and needle in lines[0], result.stderr
+    got = main_exit_code(spm.main, [*TRAIN[1:], "--steps", "1", "--out", str(tmp_path / "r"), *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert got == code and len(lines) == 1 and needle in lines[0], lines
     assert not (tmp_path / "r" / "membranes.safetensors").exists()
 
 
 def offline_env(tmp_path):
-    """No hub (a closed local port answers at once) and an empty cache; HF_HUB_OFFLINE unset."""
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    return dict(env, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
+    """No hub (a closed local port answers at once) and an empty cache, whatever the shell says: HF_HUB_OFFLINE and
+    TRANSFORMERS_OFFLINE (which huggingface_hub reads as HF_HUB_OFFLINE) unset."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")}
+    return dict(env, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf"))
 
 
 def test_a_missing_model_offline_is_one_line_without_retries(tmp_path):
@@ -900,6 +1006,7 @@ def torchrun(*argv):
     return run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     common = ["--model", "tiny", "--concept", "mouse", "--anchor", "latent", "--sample-every", "0"]
     single = run_cli("spm_janus.py", *common, "--batch-size", "2", "--steps", "3", "--out", str(tmp_path / "single"))
@@ -942,10 +1049,10 @@ def test_torchrun_two_processes_equal_one_process_with_the_whole_batch(tmp_path)
 
 def test_transport_strength():
     model, tokenizer = tiny()
-    assert spm.transport_strength(model, tokenizer, "a red mouse", ["mouse"]) == 1.0
-    unrelated = spm.transport_strength(model, tokenizer, "a blue car", ["mouse"])
+    assert inference.transport_strength(model, tokenizer, "a red mouse", ["mouse"]) == 1.0
+    unrelated = inference.transport_strength(model, tokenizer, "a blue car", ["mouse"])
     assert 0 <= unrelated < 1.0
-    assert spm.transport_strength(model, tokenizer, "a blue car", ["mouse"], factor=0.5) == pytest.approx(unrelated / 2)
+    assert inference.transport_strength(model, tokenizer, "a blue car", ["mouse"], factor=0.5) == pytest.approx(unrelated / 2)
 
 
 def test_strength_zero_gives_exactly_the_base_logits():
@@ -985,17 +1092,48 @@ def test_two_membranes_add_at_every_module():
 
 
 @pytest.mark.parametrize("scope", ["image", "prompt", "all"])
-def test_understanding_is_identical_under_scope_image(scope):
+def test_understanding_is_identical_under_scopes_image_and_prompt(scope):
+    """Only rows that draw an image have prompt or image positions: image+question and text-only inputs run the base
+    model exactly under scope image and scope prompt (the prompt scope once acted on every position of them)."""
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope=scope)
     randomise(membranes)
     images = spm.decode_images(model, codes_for(model, tokenizer))
     for pictures, questions in ((images, ["is there a mouse ?", "a cat"]), (None, ["a photo of a mouse", "a cat"])):
-        drift = spm.understanding_drift(model, tokenizer, membranes, questions, pictures)
-        if scope == "image":
-            assert drift == {"kl": 0.0, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0}
-        else:
+        drift = inference.understanding_drift(model, tokenizer, membranes, questions, pictures)
+        if scope == "all":
             assert drift["max_abs_logit_diff"] > 1e-3
+        else:
+            assert drift == {"kl": 0.0, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0}
+
+
+@pytest.mark.parametrize("scope", ["image", "prompt"])
+def test_text_generation_with_a_kv_cache_is_the_base_models(scope):
+    """Answering runs KV-cached steps after the question: they are no image steps either, so every generated
+    token's scores equal the base model's bit for bit, in a batch that also holds an image prompt."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope=scope)
+    randomise(membranes)
+    images = spm.decode_images(model, codes_for(model, tokenizer))[:1]
+    input_ids, mask = inference.understanding_inputs(tokenizer, model, ["is there a mouse ?"],
+                                                     inference.pixels_for_understanding(model, images))
+
+    def answer():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=inference.pixels_for_understanding(
+            model, images), max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+            generation_mode="text")
+        return out.sequences, torch.stack(out.scores)
+
+    with membranes.disabled():
+        base_tokens, base_scores = answer()
+    tokens, scores = answer()
+    assert torch.equal(tokens, base_tokens) and torch.equal(scores, base_scores)
+    # while a batch that draws an image still gets the membranes (the gate is per row)
+    _, cond, uncond, mask = prompt_batch(model, tokenizer)
+    uniforms = spm.rollout_uniforms(0, 0, 0, len(PROMPTS), model.config.vision_config.num_image_tokens)
+    erased = spm.sample_codes(model, cond, uncond, mask, 5.0, 1.0, uniforms)
+    with membranes.disabled():
+        assert not torch.equal(spm.sample_codes(model, cond, uncond, mask, 5.0, 1.0, uniforms), erased)
 
 
 def test_peft_export_gives_the_same_logits(tmp_path):
@@ -1003,7 +1141,7 @@ def test_peft_export_gives_the_same_logits(tmp_path):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all", alpha=2.0)
     randomise(membranes)
-    spm.save_membranes(tmp_path / "m.safetensors", membranes, vars(train_args(scope="all")), step=1)
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, spm.Config(model="tiny", concept="mouse", scope="all"), step=1)
     codes = codes_for(model, tokenizer)
     expected = all_logits(model, tokenizer, codes)
     result = run_cli("spm_janus.py", "export-peft", "--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "peft"))
@@ -1016,9 +1154,9 @@ def test_peft_export_gives_the_same_logits(tmp_path):
 def test_peft_export_refuses_gated_scopes(tmp_path):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="image")
-    spm.save_membranes(tmp_path / "m.safetensors", membranes, vars(train_args()), step=1)
+    spm.save_membranes(tmp_path / "m.safetensors", membranes, RUN, step=1)
     with pytest.raises(spm.SPMError, match="scope image"):
-        spm.export_peft(tmp_path / "m.safetensors", tmp_path / "peft")
+        inference.export_peft(tmp_path / "m.safetensors", tmp_path / "peft")
 
 
 def test_sample_with_two_checkpoints_and_transport(tmp_path):
@@ -1028,7 +1166,7 @@ def test_sample_with_two_checkpoints_and_transport(tmp_path):
         membranes = spm.attach_membranes(model, tokenizer, scope="image", seed=seed)
         randomise(membranes, seed)
         paths += ["--ckpt", str(tmp_path / f"{concept}.safetensors")]
-        spm.save_membranes(tmp_path / f"{concept}.safetensors", membranes, vars(train_args(concept=[concept])), step=1)
+        spm.save_membranes(tmp_path / f"{concept}.safetensors", membranes, spm.Config(model="tiny", concept=concept), step=1)
         membranes.detach()
     result = run_cli("sample.py", *paths, "--transport", "--prompt", "a red mouse", "--prompt", "a blue car",
                      "--n", "1", "--understanding", "--out", str(tmp_path / "o"))
@@ -1061,12 +1199,11 @@ def tiny_clip(tokenizer):
 
 
 def test_clip_judge_picks_the_nearest_label():
-    import sample
     model, tokenizer = tiny()
     clip, processor = tiny_clip(tokenizer)
     labels = ["mouse", "cat", "dog"]
     decode = lambda codes: spm.decode_images(model, codes)
-    judge = sample.clip_judge(clip, tokenizer, processor, decode, labels, neutral=("a car",))
+    judge = evaluation.clip_judge(clip, tokenizer, processor, decode, labels, neutral=("a car",))
     codes = spm.sample_prompts(model, tokenizer, ["a mouse"], [0, 1, 2, 3, 4, 5], 5.0, 1.0)[0]
     got = judge(codes, ["a mouse"] * len(codes))
     texts = [f"a photo of a {l}" for l in labels] + ["a car"]
@@ -1079,15 +1216,14 @@ def test_clip_judge_picks_the_nearest_label():
 
 
 def test_janus_judge_reads_the_base_model_with_membranes_off():
-    import sample
     model, tokenizer = tiny()
     codes = spm.sample_prompts(model, tokenizer, ["a mouse", "a cat"], [0, 1, 2], 5.0, 1.0).flatten(0, 1)
     decode = lambda c: spm.decode_images(model, c)
     labels = ["mouse", "cat", "car"]
-    plain = sample.janus_judge(model, tokenizer, [], labels, decode)(codes, [""] * len(codes))
+    plain = evaluation.janus_judge(model, tokenizer, [], labels, decode)(codes, [""] * len(codes))
     membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all")
     randomise(membranes)
-    judged = sample.janus_judge(model, tokenizer, [(membranes, {})], labels, decode)(codes, [""] * len(codes))
+    judged = evaluation.janus_judge(model, tokenizer, [(membranes, {})], labels, decode)(codes, [""] * len(codes))
     assert judged == plain and set(judged) <= set(labels + ["none"]) and len(judged) == 6
     assert membranes.state.enabled  # switched back on after judging
 
@@ -1177,26 +1313,26 @@ def test_bpe_concept_positions_are_the_prompts_own_tokens(bpe_janus_dir, monkeyp
     monkeypatch.setattr(spm, "latent_anchor_embeds", lambda embeds, cols, g: seen.append(cols[0]) or
                         anchor_embeds(embeds, cols, g))
     membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
-    args = train_args(concept=["Mickey Mouse"], templates=["a photo of {}", "({})"], anchor="latent", batch_size=2)
-    spm.Trainer(model, tokenizer, membranes, args).step()
+    config = train_config(model, tokenizer, concept=["Mickey Mouse"], templates=["a photo of {}", "({})"],
+                          anchor="latent", batch_size=2)
+    spm.Trainer(model, tokenizer, membranes, config).step()
     assert len(seen) == 2 and all(len(cols) == 2 for cols in seen)  # both tokens of the concept, in every row
 
 
 def test_bpe_transport_finds_the_concept_in_any_spelling(bpe_janus_dir):
     model, tokenizer = spm.load_model(str(bpe_janus_dir))
     for prompt in ("a photo of Mickey Mouse", "(Mickey Mouse) on a boat", "mickey mouse"):
-        assert spm.prompt_concept_match(model, tokenizer, prompt, "Mickey Mouse") == 1.0, prompt
-    assert spm.prompt_concept_match(model, tokenizer, "a red Mouse", "Mickey Mouse") >= 0.5  # one of two tokens
-    assert spm.transport_strength(model, tokenizer, "a photo of a cat", ["Mickey Mouse"]) < 1.0
+        assert inference.prompt_concept_match(model, tokenizer, prompt, "Mickey Mouse") == 1.0, prompt
+    assert inference.prompt_concept_match(model, tokenizer, "a red Mouse", "Mickey Mouse") >= 0.5  # one of two tokens
+    assert inference.transport_strength(model, tokenizer, "a photo of a cat", ["Mickey Mouse"]) < 1.0
 
 
 def test_bpe_janus_judge_reads_whole_answer_tokens(bpe_janus_dir):
-    import sample
     model, tokenizer = spm.load_model(str(bpe_janus_dir))
-    answers = {w: set(tokenizer.convert_ids_to_tokens(sample.answer_token_ids(tokenizer, w))) for w in ("yes", "no")}
+    answers = {w: set(tokenizer.convert_ids_to_tokens(evaluation.answer_token_ids(tokenizer, w))) for w in ("yes", "no")}
     assert answers == {"yes": {"yes", "Ġyes", "Yes"}, "no": {"no", "Ġno", "No"}}  # ' Yes' is 'Ġ' 'Yes': left out
     codes = spm.sample_prompts(model, tokenizer, ["Mickey Mouse", "a cat"], [0], 5.0, 1.0).flatten(0, 1)
-    judged = sample.janus_judge(model, tokenizer, [], ["Mickey Mouse", "cat"],
+    judged = evaluation.janus_judge(model, tokenizer, [], ["Mickey Mouse", "cat"],
                                 lambda c: spm.decode_images(model, c))(codes, [""] * 2)
     assert len(judged) == 2 and set(judged) <= {"Mickey Mouse", "cat", "none"}
 
@@ -1326,8 +1462,7 @@ def test_toy_base_quality():
 def test_evaluate_counts_each_side_and_summarizes(tmp_path):
     """evaluate() with a stub draw and judge: base and erased counts come from their own codes, and every summary
     figure equals its hand-computed value."""
-    import sample
-    P = sample.EvalPrompt
+    P = evaluation.EvalPrompt
     prompts = [P("a mouse", "mouse", "mouse", "a {}"), P("a red mouse", "mouse", "mouse", "a red {}"),
                P("a rodent", "mouse", "rodent", "a {}"), P("a cat", "cat", "cat", "a {}"),
                P("a dog", "dog", "dog", "a {}")]
@@ -1341,7 +1476,7 @@ def test_evaluate_counts_each_side_and_summarizes(tmp_path):
         return torch.tensor([[int(c) for c in table[t]] for t in texts])[..., None]
 
     judge = lambda codes, _: [labels[int(c)] for c in codes[:, 0]]
-    records, summary = sample.evaluate(draw, prompts, judge, 4, concepts=["mouse"], anchors=["cat"],
+    records, summary = evaluation.evaluate(draw, prompts, judge, 4, concepts=["mouse"], anchors=["cat"],
                                        objects=("mouse", "cat", "dog"), run_templates={"a {}"},
                                        synonyms={"rodent": "mouse"}, json_path=tmp_path / "e.json")
     assert records[1]["base"] == {"mouse": 4} and records[1]["erased"] == {"mouse": 1, "cat": 1, "blank": 1, "none": 1}
@@ -1357,9 +1492,9 @@ def test_evaluate_counts_each_side_and_summarizes(tmp_path):
     assert saved["summary"]["mouse"]["H"] == m["H"] and saved["prompts"][0]["erased"] == {"blank": 1, "none": 3}
 
 
-def toy_summary(model, tokenizer, membranes, args, n=8):
+def toy_summary(model, tokenizer, membranes, config, n=8):
     """sample.py --eval's summary of mouse for these membranes, on every toy prompt with n seeds."""
-    import sample
+    import evaluation
     import toy_janus as toy
     cfg, temperature = spm.generation_defaults(model)
     seeds = list(range(1000, 1000 + n))
@@ -1368,26 +1503,24 @@ def toy_summary(model, tokenizer, membranes, args, n=8):
             return torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0] for t in texts])
 
     judge = lambda codes, _: [obj for obj, _ in toy.judge_batch(codes)]
-    records = sample.judge_records(draw, sample.eval_prompts(), judge, n)
-    return sample.summarize(records, args.concept, args.anchor_prompts, toy.OBJECTS, set(args.templates),
+    records = evaluation.judge_records(draw, evaluation.eval_prompts(), judge, n)
+    return evaluation.summarize(records, config.concept, config.anchor_prompts, toy.OBJECTS, set(config.templates),
                             {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]})["mouse"]
 
 
+@pytest.mark.slow
 def test_toy_erasure_with_default_settings():
     """The default run, with the benchmark's anchors (cat, car, tree), erases mouse on held-out templates and
     synonyms, leaves clean pictures in its place, and keeps most of the objects nobody anchored. Slow (about 2-3
     minutes): it is the default run itself, 400 adversarial steps."""
     import ablate
     model, tokenizer = toy_model()
-    args = spm.build_parser().parse_args(["--model", "toy", "--concept", "mouse", *ablate.ANCHOR_FLAGS])
-    spm.check_args(args)
-    args.cfg, args.temperature = spm.generation_defaults(model)
-    membranes = spm.attach_membranes(model, tokenizer, args.layers, scope=args.scope, rank=args.rank,
-                                     alpha=args.alpha, seed=args.seed)
-    trainer = spm.Trainer(model, tokenizer, membranes, args)
-    for _ in range(args.steps):
+    config = spm.Config(model="toy", concept="mouse", **ablate.ANCHORED).resolved(model, tokenizer)
+    membranes = spm.attach_for(model, tokenizer, config)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
+    for _ in range(config.steps):
         trainer.step()
-    after = toy_summary(model, tokenizer, membranes, args)
+    after = toy_summary(model, tokenizer, membranes, config)
     # measured with this seed (ablate.py, 16 samples per prompt): held-out 0%, synonyms 0.3%, non-anchored kept 77%,
     # anchored 97%, coherence 93%; the bounds leave room for other evaluation seeds and thread counts
     assert after["base_held_out_rate"] >= 0.9 and after["base_synonyms_rate"] >= 0.9, after
@@ -1399,11 +1532,11 @@ def test_toy_erasure_with_default_settings():
 def test_rollout_every_reuses_the_rollout():
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="image")
-    trainer = spm.Trainer(model, tokenizer, membranes, train_args(batch_size=2, rollout_every=3, anchor="none"))
+    trainer = spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, batch_size=2, rollout_every=3, anchor="none"))
     seen = []
     for _ in range(4):
         trainer.step()
-        seen.append(trainer._rollout)
+        seen.append(trainer.cached_rollout)
     assert seen[0] is seen[1] is seen[2] and seen[3] is not seen[2] and seen[3][0] == 3
 
 
@@ -1411,7 +1544,7 @@ def test_bench_quick_runs(tmp_path):
     """What the benchmark promises, not how fast it is (no timing asserts): the one-pass loss, logits and gradients
     equal the stepwise ones, merged membranes draw the very tokens of unmerged ones, and CFG as two passes per step
     the tokens of one doubled batch."""
-    result = run_cli("bench.py", "--quick", "--pairs", "1", "--tokens", "16", "--sections", "train,sample",
+    result = run_cli("bench.py", "--quick", "--pairs", "1", "--image-tokens", "16", "--sections", "train,sample",
                      "--json", str(tmp_path / "b.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "b.json").read_text())
@@ -1440,9 +1573,9 @@ def test_augment_template_keeps_one_slot_and_repeats(seed):
 def test_augment_edits_training_prompts_and_zero_keeps_the_templates():
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer)
-    plain = spm.Trainer(model, tokenizer, membranes, train_args(augment=0.0))._pick(["mouse"], "concept")
+    plain = spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, augment=0.0)).pick(["mouse"], "concept")
     assert all(t in spm.DEFAULT_TEMPLATES for _, t in plain)
-    edited = spm.Trainer(model, tokenizer, membranes, train_args(augment=1.0))._pick(["mouse"], "concept")
+    edited = spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, augment=1.0)).pick(["mouse"], "concept")
     assert all(t not in spm.DEFAULT_TEMPLATES or t == "{}" for _, t in edited) and edited != plain
 
 
@@ -1451,9 +1584,9 @@ def test_rollout_target_samples_the_negatively_guided_teacher():
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
     randomise(membranes)
-    args = train_args(rollout="target", eta=0.5, anchor="none", batch_size=2, steps=1)
+    args = train_config(model, tokenizer, rollout="target", eta=0.5, anchor="none", batch_size=2, steps=1)
     trainer = spm.Trainer(model, tokenizer, membranes, args)
-    picks = trainer._pick(args.concept, "concept")
+    picks = trainer.pick(args.concept, "concept")
     trainer.step()
     input_ids, mask = spm.encode_prompts(tokenizer, [t.format(c) for c, t in picks])
     embed = model.get_input_embeddings()
@@ -1461,14 +1594,14 @@ def test_rollout_target_samples_the_negatively_guided_teacher():
     with membranes.disabled():
         expected = spm.sample_codes(model, embed(input_ids), embed(spm.unconditional_ids(input_ids, tokenizer)), mask,
                                     -args.cfg * args.eta, args.temperature, uniforms)
-    assert torch.equal(trainer._rollout[1][0], expected)
+    assert torch.equal(trainer.cached_rollout[1]["concept"], expected)
 
 
 def soft_likelihood(model, tokenizer, soft, codes):
     cond, uncond, mask = spm.soft_prompt_inputs(model, tokenizer, soft)
     r = codes.shape[0]
     with torch.no_grad():
-        return spm.cfg_log_likelihood(model, cond.expand(r, -1, -1), uncond.expand(r, -1, -1), mask.expand(r, -1),
+        return attack.cfg_log_likelihood(model, cond.expand(r, -1, -1), uncond.expand(r, -1, -1), mask.expand(r, -1),
                                       codes, 5.0, 1.0).mean().item()
 
 
@@ -1493,34 +1626,32 @@ def test_soft_prompt_attack_raises_the_likelihood_and_leaves_the_model_alone():
 def test_adversarial_soft_training_attacks_every_k_steps_and_resumes(tmp_path):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
-    args = train_args(adversarial="soft", adversarial_every=2, adversarial_steps=2, anchor="none", batch_size=1)
+    args = train_config(model, tokenizer, adversarial="soft", adversarial_every=2, adversarial_steps=2, anchor="none", batch_size=1)
     trainer = spm.Trainer(model, tokenizer, membranes, args)
     seen = []
     for _ in range(3):
         trainer.step()
-        seen.append(trainer.soft["mouse"].clone())
+        seen.append(trainer.levers[0].soft["mouse"].clone())
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])  # attacked at steps 0 and 2
     state = trainer.state_dict()
     resumed = spm.Trainer(model, tokenizer, membranes, args)
     resumed.load_state_dict(state)
-    assert torch.equal(resumed.soft["mouse"], seen[2])
+    assert torch.equal(resumed.levers[0].soft["mouse"], seen[2])
 
 
 @pytest.fixture(scope="module")
 def toy_checkpoint(tmp_path_factory):
     """A few default steps on the toy: membranes that barely erase anything."""
     out = tmp_path_factory.mktemp("toyrun")
-    spm.train(spm.build_parser().parse_args(["--model", "toy", "--concept", "mouse", "--steps", "2", "--out", str(out),
-                                             "--sample-every", "0", "--anchor", "none"]))
+    spm.train(spm.Config(model="toy", concept="mouse", steps=2, out=str(out), sample_every=0, anchor="none"))
     return out / spm.CHECKPOINT_NAME
 
 
 def test_attack_json_round_trip_and_soft_prompt_replay(toy_checkpoint, tmp_path):
-    import attack
     from safetensors.torch import load_file
     results = attack.run(attack.build_parser().parse_args([
-        "--ckpt", str(toy_checkpoint), "--n", "4", "--candidates", "24", "--rounds", "2", "--top", "2", "--steps", "3",
-        "--restarts", "1", "--references", "4", "--json", str(tmp_path / "a.json"), "--out", str(tmp_path)]))
+        "--ckpt", str(toy_checkpoint), "--n", "4", "--candidates", "24", "--rounds", "2", "--top", "2", "--soft-steps", "3",
+        "--soft-restarts", "1", "--references", "4", "--json", str(tmp_path / "a.json"), "--out", str(tmp_path)]))
     saved = json.loads((tmp_path / "a.json").read_text())
     assert [a["name"] for a in saved["attacks"]] == ["discrete", "soft", "synonyms"] and saved["attacks"] == results
     for a in saved["attacks"]:
@@ -1532,10 +1663,8 @@ def test_attack_json_round_trip_and_soft_prompt_replay(toy_checkpoint, tmp_path)
 
 
 def test_discrete_attack_finds_the_concept_through_the_base_model(toy_checkpoint):
-    import attack
-    import sample
     model, tokenizer = toy_model()
-    judge, _, _ = sample.toy_judge("toy")
+    judge, _, _ = evaluation.toy_judge("toy")
     args = attack.build_parser().parse_args(["--ckpt", "-", "--n", "16", "--candidates", "32", "--rounds", "2"])
     target = attack.Target(model, tokenizer, judge, "mouse", 2.0, 0.5, 16, seed=1)
     templates = attack.toy_templates()
@@ -1546,9 +1675,8 @@ def test_discrete_attack_finds_the_concept_through_the_base_model(toy_checkpoint
 
 @pytest.mark.parametrize("argv,needle", [(["--n", "0"], "--n 0 must be at least 1"),
                                          (["--concept", "unicorn"], "no toy object"),
-                                         (["--lr", "0"], "--lr 0 must be positive")])
+                                         (["--soft-lr", "0"], "--soft-lr 0 must be positive")])
 def test_attack_bad_input_is_one_line(toy_checkpoint, argv, needle, capsys):
-    import attack
     with pytest.raises(SystemExit) as exit_:
         attack.main(["--ckpt", str(toy_checkpoint), *argv])
     err = capsys.readouterr().err
@@ -1558,11 +1686,10 @@ def test_attack_bad_input_is_one_line(toy_checkpoint, argv, needle, capsys):
 def test_attack_on_a_bpe_checkpoint(bpe_janus_dir, tmp_path):
     """attack.py's searches on a checkpoint shaped like Janus-Pro's: the discrete search with its token-level (GCG)
     step keeps the two-token concept in every prompt, and the soft prompt runs in the BPE chat format."""
-    import attack
     model, tokenizer = spm.load_model(str(bpe_janus_dir))
     judge = lambda codes, prompts: ["Mickey Mouse" if int(c.sum()) % 2 == 0 else "none" for c in codes]  # a stand-in
     args = attack.build_parser().parse_args(["--ckpt", "-", "--n", "4", "--candidates", "16", "--rounds", "2", "--top",
-                                             "2", "--gcg-steps", "2", "--steps", "2", "--restarts", "1",
+                                             "2", "--gcg-steps", "2", "--soft-steps", "2", "--soft-restarts", "1",
                                              "--out", str(tmp_path)])
     target = attack.Target(model, tokenizer, judge, "Mickey Mouse", 5.0, 1.0, 4, seed=0)
     templates = list(attack.GENERIC_TEMPLATES)
@@ -1583,7 +1710,7 @@ def test_adversarial_soft_prompt_enters_the_erase_loss():
         model, tokenizer = tiny()
         membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
         randomise(membranes)
-        args = train_args(adversarial=adversarial, adversarial_steps=2, anchor="none", batch_size=1)
+        args = train_config(model, tokenizer, adversarial=adversarial, adversarial_steps=2, anchor="none", batch_size=1)
         trainer = spm.Trainer(model, tokenizer, membranes, args)
         erase[adversarial] = trainer.step()["erase"]
     assert erase["soft"] != pytest.approx(erase["none"], rel=1e-3)
@@ -1594,6 +1721,5 @@ def test_adversarial_soft_prompt_enters_the_erase_loss():
     ("a red rodent", ("mouse", "rodent", "a red {}")), ("a mouse", ("mouse", "mouse", "a {}")),
     ("a tree", (None, None, "a tree"))])
 def test_a_typed_eval_prompt_finds_its_object_word_or_synonym(prompt, expected):
-    import sample
-    found = sample.user_eval_prompt(prompt, ["mouse", "Mickey Mouse"], {"rodent": "mouse"})
+    found = evaluation.user_eval_prompt(prompt, ["mouse", "Mickey Mouse"], {"rodent": "mouse"})
     assert (found.object, found.word, found.template) == expected
