@@ -1,7 +1,7 @@
 """
 The erasure benchmark on the toy Janus: erase "mouse" with each setting at one step budget, then judge every sample.
 
-    python ablate.py                       # all settings x 3 seeds -> ablation.md, ablation.json, ablation.png
+    python ablate.py                       # all settings x 3 seeds -> runs/ablation/ablation.{md,json,png}
     python ablate.py --seeds 1 --n 16      # a quick table
 
 One fixed protocol for every setting: the settings that anchor name cat, car and tree explicitly, so dog, bird, fish
@@ -119,7 +119,7 @@ def table(base, base_asr, results, args, num_prompts):
     return lines
 
 
-def main():
+def build_parser():
     parser = spm.OneLineParser(prog="ablate.py", description="The erasure benchmark and the poster's ablations on "
                                                              "the toy Janus.")
     parser.add_argument("--steps", type=int, default=None, help="erasure steps per run (default: spm_janus.py's)")
@@ -131,15 +131,20 @@ def main():
     parser.add_argument("--levers", action="store_true", help="also run the robustness levers")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
     parser.add_argument("--attack-seed", type=int, default=0, help="seed of attack.py's searches and samples")
-    parser.add_argument("--out", default="runs/ablation", help="prefix of the .md, .json and .png outputs")
+    parser.add_argument("--out", default="runs/ablation", help="directory for ablation.md, ablation.json and "
+                                                               "ablation.png")
     parser.add_argument("--runs", default="runs/ablation", help="directory for the runs' checkpoints")
     parser.add_argument("--attack", action="append", default=None, choices=["discrete", "soft", "none"],
                         help="attack.py attacks run on every run, at attack.py's default budgets (default: discrete "
                              "and soft; none = no attacks)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     for flag, value in (("--seeds", args.seeds), ("--n", args.n)):
         if value < 1:
-            parser.error(f"{flag} {value} must be at least 1")
+            build_parser().error(f"{flag} {value} must be at least 1")
     torch.set_num_threads(1)
     candidates = SETTINGS + (LEVERS if args.levers or args.only else [])
     exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
@@ -212,17 +217,17 @@ def main():
 
     lines = table(base, base_asr, results, args, len(prompts))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{out}.json").write_text(json.dumps({"base": base, "base_asr": base_asr, "results": results, "n": args.n,
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    (out / "ablation.json").write_text(json.dumps({"base": base, "base_asr": base_asr, "results": results, "n": args.n,
                                                "seeds": args.seeds}, indent=1))
     # one row per setting, labelled in full at the left: column labels of a setting each would overlap
     rows = [spm.decode_images(model, step0)] + [spm.decode_images(model, codes) for _, codes in figure_rows]
     labels = ["base model (step 0)"] + [name for name, _ in figure_rows]
     width = 6 * max(len(label) for label in labels) + 12
-    spm.image_grid(rows, labels, figure_prompts, cell=64, label_width=width).save(f"{out}.png")
+    spm.image_grid(rows, labels, figure_prompts, cell=64, label_width=width).save(out / "ablation.png")
     print("\n".join(lines))
-    print(f"wrote {out}.md, {out}.json, {out}.png")
+    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
 
 
 if __name__ == "__main__":

@@ -529,7 +529,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Benchmark spm-janus: one-pass training vs stepping through the "
+    parser = spm.OneLineParser(prog="bench.py", description="Benchmark spm-janus: one-pass training vs stepping through the "
                                                  "image, the cost of membranes when sampling, memory.")
     g = parser.add_argument_group("model")
     g.add_argument("--size", default="tiny", choices=["tiny", "1b", "7b"],
@@ -553,10 +553,10 @@ def build_parser():
 
     g = parser.add_argument_group("workload")
     g.add_argument("--image-tokens", type=int, default=None,
-                   help="image tokens N, a square (default: 576, Janus-Pro's; 100 with --quick)")
+                   help="image tokens N, a square (default: 576, Janus-Pro's; 100 with --quick; was --tokens)")
     g.add_argument("--batch-size", type=int, default=1,
-                   help="concept rows of a training step; the memory section's Trainer adds as many anchor rows "
-                        "(default: 1)")
+                   help="concept rows of a training step, as spm_janus.py's --batch-size (was --train-batch); the "
+                        "memory section's Trainer adds as many anchor rows (default: 1)")
     g.add_argument("--sample-batch", type=int, default=1,
                    help="images per sampling pass, CFG doubles the rows (default: 1, the worst case for per-op "
                         "overhead)")
@@ -567,7 +567,8 @@ def build_parser():
     g.add_argument("--pairs", type=int, default=None,
                    help="timed rounds: each compared side once a round, between two runs of its base "
                         "(default: 5; 3 with --quick)")
-    g.add_argument("--warmup-runs", type=int, default=1, help="untimed runs of each side first (default: 1)")
+    g.add_argument("--warmup-runs", type=int, default=1, help="untimed runs of each side first (default: 1; was --warmup, "
+                                                                         "which is spm_janus.py's learning-rate warm-up)")
     g.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     g.add_argument("--aa", action="store_true",

@@ -154,3 +154,14 @@ def export_peft(ckpt, out_dir):
     spm.save_atomic(out_dir / "adapter_model.safetensors", lambda tmp: save_file(lora, tmp))
     spm.save_atomic(out_dir / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return out_dir
+
+
+def export_main(argv):
+    """`spm_janus.py export-peft --ckpt RUN --out DIR`."""
+    parser = spm.OneLineParser(prog="spm_janus.py export-peft",
+                               description="Write membranes of scope all as a PEFT LoRA adapter.")
+    parser.add_argument("--ckpt", required=True, help="run directory (or its membranes.safetensors), trained with "
+                                                      "--scope all")
+    parser.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
+    args = parser.parse_args(argv)
+    print(f"wrote {export_peft(args.ckpt, args.out)}")

@@ -63,15 +63,18 @@ def build_parser():
 
     g = parser.add_argument_group("output")
     g.add_argument("--compare", action="store_true", help="grid with base and erased columns for the same seeds")
-    g.add_argument("--out", default="samples", help="output PNG file, or a directory for samples.png / compare.png")
+    g.add_argument("--out", default=None, help="directory for samples.png or compare.png (default: sample/ in the "
+                                              "first --ckpt's run directory, or runs/sample; --out is no PNG path "
+                                              "any more)")
     return parser
 
 
 def output_path(out, compare):
+    """The grid's file in the --out directory."""
     out = Path(out)
-    if out.suffix.lower() == ".png":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return out
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        raise spm.SPMError(f"--out {out} names a file: --out is a directory, where sample.py writes "
+                           f"{'compare' if compare else 'samples'}.png", 2)
     out.mkdir(parents=True, exist_ok=True)
     return out / ("compare.png" if compare else "samples.png")
 
@@ -162,7 +165,8 @@ def run(args):
         base = draw(False, prompts)
         rows = [torch.cat([spm.decode_images(model, b), r]) for b, r in zip(base, rows)]
         columns = [f"base {s}" for s in seeds] + columns
-    path = output_path(args.out, args.compare)
+    default = spm.checkpoint_path(checkpoints[0]).parent / "sample" if checkpoints else Path("runs", "sample")
+    path = output_path(args.out or default, args.compare)
     grid = spm.image_grid(rows, prompts, columns)
     spm.save_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {path}")

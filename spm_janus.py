@@ -1,22 +1,15 @@
 """
-Erase a visual concept from Janus-Pro's image generation with SPM membranes.
+Erase a visual concept from Janus-Pro's image generation with SPM membranes (Lyu et al., CVPR 2024).
 
-A membrane (Lyu et al., CVPR 2024) is a rank-1 adapter wrapped around a Linear of the Llama decoder:
-    y = W x + multiplier * (alpha / rank) * up(down(x)),   up zero-initialised, W frozen.
-The teacher is the same model with its membranes switched off. At every image-generation step the student's
-logits for the concept prompt are trained towards
-    t = l(surrogate) - eta * (l(concept) - l(surrogate))        (teacher logits)
-and all 576 steps of a rollout are scored by ONE teacher-forced pass, since step i only depends on codes < i.
+A membrane is a rank-1 adapter around a frozen Linear of the Llama decoder, y = W x + m * (alpha / rank) * up(down(x)),
+up zero-initialised. The teacher is the same model with its membranes off. At every image step the student's logits
+for the concept prompt are trained towards t = l(surrogate) - eta * (l(concept) - l(surrogate)) (teacher logits), and
+all 576 steps of a rollout come from ONE teacher-forced pass, since step i only depends on the codes before it.
 
-    python spm_janus.py --concept mouse --layers attn --loss kl
-    python sample.py --ckpt runs/mouse --prompt "a photo of a mouse" --compare
+    python spm_janus.py --concept mouse --layers attn --loss kl         # or: train(Config(concept="mouse"))
 
-    config = Config(model="toy", concept="mouse")          # every setting, validated here, saved with the weights
-    train(config)                                           # or: Trainer(model, tokenizer, membranes, resolved).step()
-
-The file is self-contained: copy it into your project. It does no work at import time. Sections, in order:
-settings (Config), the membrane, models, prompts and the one pass, targets, the trainer and its levers,
-pictures and checkpoints, the command line.
+Self-contained (copy it into your project), no work at import time. Sections: the settings (Config), the membrane,
+models, prompts and the one pass, targets, words, soft prompts, the trainer and its levers, files, the command line.
 """
 import argparse
 import contextlib
@@ -27,6 +20,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -51,13 +45,11 @@ AUGMENT_WORDS = ("a", "an", "the", "of", "and", "with", "in", "on", "one", "two"
 PUNCTUATION = (",", ".", "!", "?", ":")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<begin_of_image>", "<end_of_image>", "<image_placeholder>", "<unk>",
                   "<|User|>", "<|Assistant|>")
-CHECKPOINT_NAME = "membranes.safetensors"
-STATE_NAME = "trainer_state.pt"
+CHECKPOINT_NAME, STATE_NAME = "membranes.safetensors", "trainer_state.pt"
 
 
 class SPMError(Exception):
-    """A problem the user can fix; main() prints it as one line. exit_code 2 = the user's input, 1 = the
-    environment or a failure."""
+    """A problem the user can fix, printed as one line; exit_code 2 = the user's input, 1 = the environment."""
 
     def __init__(self, message, exit_code=1):
         super().__init__(message)
@@ -65,29 +57,27 @@ class SPMError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Settings: one dataclass, validated once, saved with the membranes. The command line is generated from it.
+# Settings: one dataclass, validated once, saved with the membranes; the command line is made from it
 
 
 def setting(default, help, group, type=None, choices=None, least=None, many=False, resumable=False):
-    """A Config field and its flag: `least` bounds a count, `many` makes a repeatable flag, `resumable` lets
-    --resume change it (the budget and the plumbing; everything else defines the run)."""
+    """A Config field and its flag. least: the smallest count; many: a repeatable flag; resumable: --resume may
+    change it (the budget and the plumbing; everything else defines the run)."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, group=group, type=type, choices=choices, least=least, many=many, resumable=resumable))
 
 
 @dataclasses.dataclass
 class Config:
-    """Every setting of an erasure run. None means "resolved from the model": resolved(model, tokenizer) fills in
-    the templates, CFG and temperature, the anchors and the sample prompts; the Trainer takes only a resolved one."""
-    # model
+    """Every setting of a run. None = from the model: resolved(model, tokenizer) fills in the templates, CFG,
+    temperature, anchors and sample prompts, and the Trainer takes only a resolved Config."""
     model: str = setting("deepseek-community/Janus-Pro-1B", "hub id or local directory in transformers' Janus "
-                         "format; 'tiny' = random model built here; 'toy' = the toy model trained here", "model")
+                         "format; tiny = a random model built here; toy = the toy model next to this file", "model")
     dtype: str = setting("float32", "base weight dtype (membranes stay float32)", "model",
                          choices=("float32", "bfloat16", "float16"))
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", "model", resumable=True)
     threads: int = setting(0, "torch CPU threads; 0 = 1 thread for models narrower than 512, else torch's default",
                            "model", least=0, resumable=True)
-    # membranes
     layers: str = setting("attn", "attn = q,k,v,o projections; mlp = gate,up,down; attn+mlp = both", "membranes",
                           choices=tuple(LAYER_CHOICES))
     modules: list = setting(None, "comma-separated subset of the --layers module names, e.g. q_proj,v_proj "
@@ -95,25 +85,22 @@ class Config:
     attn_layer_ids: str = setting(None, "decoder layers whose attention gets membranes, e.g. 0-5,9 (default: all)",
                                   "membranes", type=str)
     mlp_layer_ids: str = setting(None, "decoder layers whose MLP gets membranes (default: all)", "membranes", type=str)
-    scope: str = setting("prompt", "token positions the membranes act on in rows that draw an image: the "
-                         "text-prompt positions (the 'text encoder' variant; it erased best on the toy), the "
-                         "image-generation positions (from <begin_of_image>), or all. Understanding and text-only "
-                         "use stay exactly the base model's under prompt and image", "membranes",
+    scope: str = setting("prompt", "where the membranes act in a prompt that draws an image: its text positions "
+                         "(erased best on the toy), its image positions (from <begin_of_image>), or all; under prompt "
+                         "and image, understanding and text stay the base model's", "membranes",
                          choices=("prompt", "image", "all"))
     rank: int = setting(1, "membrane rank (SPM: 1)", "membranes", least=1)
     alpha: float = setting(1.0, "the delta is scaled by alpha / rank", "membranes")
-    # prompts
     concept: list = setting(None, "concept to erase; repeat for several (required)", "prompts", type=str, many=True)
     templates: list = setting(None, "prompt template containing {}, or a file with one per line; repeatable "
                               f"(default: {', '.join(repr(t) for t in DEFAULT_TEMPLATES)})", "prompts", type=str,
                               many=True)
-    surrogate: str = setting("", "what the concept is mapped to; '' = the model's own unconditional (all-pad) "
+    surrogate: str = setting("", "what the concept is mapped to: '' = the model's own unconditional (all-pad) "
                              "prompt, or a substitute such as 'real mouse'", "prompts")
     eta: float = setting(1.0, "negative-guidance strength: t = sur - eta * (con - sur)", "prompts")
     cfg: float = setting(None, "CFG scale of rollouts (default: the model's, 5 for Janus-Pro)", "prompts", type=float)
     temperature: float = setting(None, "sampling temperature of rollouts (default: the model's, 1 for Janus-Pro)",
                                  "prompts", type=float)
-    # loss
     loss: str = setting("kl", "divergence on the logits of every image step", "loss", choices=("kl", "mse"))
     kl_direction: str = setting("forward", "forward = KL(target || student), reverse = KL(student || target)",
                                 "loss", choices=("forward", "reverse"))
@@ -122,25 +109,20 @@ class Config:
     rollout: str = setting("student", "who samples the concept's image tokens: student (membranes on, on-policy), "
                            "teacher, or the target itself (teacher at CFG -cfg*eta; needs the empty surrogate)",
                            "loss", choices=("student", "teacher", "target"))
-    # robustness
-    augment: float = setting(1.0, "share of training prompts (concept and anchors) whose template gets 1-3 random "
-                             "edits: words inserted from a generic list the tokenizer spells, deletions, swaps, "
-                             "shuffles, punctuation", "robustness")
+    augment: float = setting(1.0, "share of training prompts whose template gets 1-3 random edits (generic words "
+                             "inserted, deletions, swaps, shuffles, punctuation)", "robustness")
     adversarial: str = setting("soft", "soft = a soft prompt attacks the membranes every --adversarial-every steps "
                                "(warm start) and is trained towards the concept's target as well", "robustness",
                                choices=("none", "soft"))
     adversarial_every: int = setting(10, "steps between attacks of --adversarial", "robustness", least=1)
     adversarial_steps: int = setting(20, "Adam steps of each attack", "robustness", least=0)
     adversarial_tokens: int = setting(4, "soft prompt length of --adversarial soft", "robustness", least=1)
-    # anchoring
-    anchor: str = setting(None, "keep other concepts: none; latent = SPM's random prompt embeddings norm-matched to "
-                          "the concept; prompts = --anchor-prompts (default: prompts, with a built-in list of common "
-                          "concepts minus the erased ones)", "anchoring", type=str,
-                          choices=("none", "latent", "prompts"))
+    anchor: str = setting(None, "keep other concepts: none; latent = SPM's norm-matched random concept embeddings; "
+                          "prompts = --anchor-prompts (default: prompts, a built-in list of common concepts minus the "
+                          "erased ones)", "anchoring", type=str, choices=("none", "latent", "prompts"))
     anchor_prompts: list = setting(None, "concept to keep with --anchor prompts; repeatable", "anchoring", type=str,
                                    many=True)
     anchor_weight: float = setting(3.0, "weight of the anchor KL(teacher || student)", "anchoring")
-    # optimisation
     steps: int = setting(400, "optimisation steps", "optimisation", least=1, resumable=True)
     batch_size: int = setting(4, "concept rollouts per step (per process)", "optimisation", least=1)
     lr: float = setting(1e-3, "AdamW peak learning rate", "optimisation")
@@ -148,12 +130,10 @@ class Config:
     warmup: int = setting(10, "linear warm-up steps before the cosine decay to 10%", "optimisation", least=0)
     grad_clip: float = setting(1.0, "max gradient norm (0 = off)", "optimisation")
     seed: int = setting(0, "seed of prompts, rollouts, anchors and membrane init", "optimisation")
-    rollout_every: int = setting(1, "sample a new rollout (and prompts) every K steps, reusing it in between; a "
-                                 "resume inside a window samples it anew, so exact resume needs K = 1",
+    rollout_every: int = setting(1, "new prompts and rollout every K steps (exact resume needs K = 1)",
                                  "optimisation", least=1)
-    max_bad_steps: int = setting(10, "stop after this many steps in a row with a non-finite loss or gradient (each "
-                                 "is skipped)", "optimisation", least=1, resumable=True)
-    # output
+    max_bad_steps: int = setting(10, "stop after this many non-finite steps in a row (each is skipped)",
+                                 "optimisation", least=1, resumable=True)
     out: str = setting(None, "run directory (default: runs/<concept>)", "output", type=str)
     save_every: int = setting(50, "save a checkpoint every K steps (0 = only at the end)", "output", least=0,
                               resumable=True)
@@ -163,7 +143,7 @@ class Config:
                                    "concepts)", "output", type=str, many=True, resumable=True)
 
     def __post_init__(self):
-        """Normalise and validate everything that needs no model: one-line errors that name the flag."""
+        """Normalise and validate what needs no model, with one-line errors that name the flag."""
         def listed(value):
             return [value] if isinstance(value, str) else list(value) if value is not None else None
 
@@ -172,8 +152,8 @@ class Config:
             raise SPMError("--concept is empty: name the concept to erase, e.g. --concept mouse", 2)
         if isinstance(self.modules, str):
             self.modules = [m.strip() for m in self.modules.split(",") if m.strip()]
-        self.modules = listed(self.modules) or None
-        self.templates, self.sample_prompts = listed(self.templates), listed(self.sample_prompts)
+        self.modules, self.templates = listed(self.modules) or None, listed(self.templates)
+        self.sample_prompts = listed(self.sample_prompts)
         self.anchor_prompts = [c.strip() for c in listed(self.anchor_prompts) or [] if c.strip()] or None
         for f in dataclasses.fields(self):
             value, meta, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
@@ -203,11 +183,10 @@ class Config:
 
     @property
     def is_resolved(self):
-        """What the Trainer needs filled in."""
         return None not in (self.templates, self.cfg, self.temperature, self.anchor)
 
     def resolved(self, model, tokenizer):
-        """A copy with every None filled in from the model and its tokenizer, checked against them."""
+        """A copy with every None filled in from the model and its tokenizer, and checked against them."""
         unknown = [c for c in self.concept + [self.surrogate] if c and not known_concepts(tokenizer, [c])]
         if unknown:
             raise SPMError(f"{unknown[0]!r} has words this model's tokenizer cannot spell: choose another word", 2)
@@ -234,27 +213,26 @@ class Config:
 
     @classmethod
     def from_dict(cls, values):
-        """The Config saved in a checkpoint; keys of other versions are ignored, missing ones take the defaults."""
+        """A checkpoint's Config: keys of other versions are ignored, missing ones take the defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
 # -----------------------------------------------------------------------------
-# The membrane
+# The membrane and its gate
 
 
 class MembraneState:
-    """What every membrane of one attachment shares: on/off, strength, and the token-position gate."""
+    """Shared by the membranes of one attachment: on/off, strength, the token-position gate, merged or not."""
 
     def __init__(self):
-        self.enabled = True
-        self.multiplier = 1.0  # float, or a tensor [B, 1, 1] for one strength per row
-        self.gate = None  # None = every position; False = none; else float [B, L, 1] set by the pre-hook
-        self.merged = False  # the delta is folded into the base weights
+        self.enabled, self.merged = True, False
+        self.multiplier = 1.0  # a float, or a tensor [B, 1, 1]: one strength per row
+        self.gate = None  # None = every position; False = none; else float [B, L, 1], set by the pre-hook
 
 
 class MembraneLinear(nn.Module):
-    """y = base(x) + multiplier * (alpha / rank) * up(down(x)). Keeps the base Linear as is."""
+    """y = base(x) + multiplier * (alpha / rank) * up(down(x)); keeps the base Linear as it is."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, state: MembraneState, generator=None):
         super().__init__()
@@ -268,14 +246,14 @@ class MembraneLinear(nn.Module):
             self.down.weight.copy_(torch.rand(self.down.weight.shape, generator=generator) * 2 * bound - bound)
         nn.init.zeros_(self.up.weight)  # a fresh membrane is an exact no-op
         self.scale = alpha / rank
-        self.state = state  # a plain object, not a submodule: it is shared by all membranes of the attachment
+        self.state = state  # a plain attribute, not a submodule: all membranes of the attachment share it
 
     def forward(self, x):
         state = self.state
         if not state.enabled or state.merged or state.gate is False:
             return self.base(x)
         gate, down, up = state.gate, self.down.weight, self.up.weight
-        scale = state.multiplier * self.scale  # a float, or [B, 1, 1]: one strength per row
+        scale = state.multiplier * self.scale
         if torch.is_grad_enabled() or torch.is_tensor(scale):
             # the gate and the strength scale the rank-r activation, the smallest tensor on the way
             out = self.base(x)
@@ -303,15 +281,14 @@ class MembraneLinear(nn.Module):
 
     def merged_delta(self):
         """multiplier * scale * up @ down, the [out, in] update that merging adds to W."""
-        multiplier = self.state.multiplier
-        if torch.is_tensor(multiplier):
+        if torch.is_tensor(self.state.multiplier):
             raise SPMError("merge() needs one strength for every row, not a per-prompt tensor", 2)
-        return (self.up.weight @ self.down.weight) * (multiplier * self.scale)
+        return (self.up.weight @ self.down.weight) * (self.state.multiplier * self.scale)
 
 
 class Membranes:
-    """Handle for the membranes attached to one model: switch them on/off, scale, save, merge, detach.
-    Disabled membranes make the model exactly the base model: that is the teacher."""
+    """The membranes attached to one model: on/off, strength, save, merge, detach. Disabled, the model is exactly
+    the base model: that is the teacher."""
 
     def __init__(self, model, names, rank=1, alpha=1.0, scope="image", image_token_ids=None, seed=0):
         if scope not in ("image", "prompt", "all"):
@@ -319,38 +296,32 @@ class Membranes:
         if scope != "all" and image_token_ids is None:
             raise SPMError("scope image/prompt needs the ids of <begin_of_image> and <end_of_image>", 2)
         self.model, self.names, self.rank, self.alpha, self.scope = model, list(names), rank, alpha, scope
-        self.image_token_ids = image_token_ids  # (begin_of_image, end_of_image)
-        self.state = MembraneState()
-        self.modules = {}
+        self.image_token_ids, self.state, self.modules = image_token_ids, MembraneState(), {}
         for name in self.names:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             generator = torch.Generator().manual_seed(derived_seed(seed, name))
             self.modules[name] = MembraneLinear(getattr(parent, attr), rank, alpha, self.state, generator)
             setattr(parent, attr, self.modules[name])
-        self._generating = None  # per row of the running KV-cached pass: does it draw an image?
-        self._all_generating = False
-        self._hook = None
-        if scope != "all":
-            self._hook = model.model.language_model.register_forward_pre_hook(self._set_gate, with_kwargs=True)
+        self._drawing = None  # per row of the running KV-cached pass: does it draw an image? and (all, any) of it
+        self._hook = None if scope == "all" else \
+            model.model.language_model.register_forward_pre_hook(self._set_gate, with_kwargs=True)
 
     def _set_gate(self, module, args, kwargs):
-        """The gate of one pass. A row draws an image when its last <begin_of_image> is not closed by an
-        <end_of_image>; an image given to understand sits between the two, so understanding never draws. Image
-        positions start AT <begin_of_image>, whose output predicts the first image token. Only rows that draw get a
-        gate at all: text-only and understanding rows run the base model under both scopes."""
+        """A row draws an image when its last <begin_of_image> is not closed by an <end_of_image> (an image given
+        to understand sits between the two). Its image positions start AT <begin_of_image>, whose output predicts
+        the first image token; rows that draw nothing (text, understanding) get no membrane under either scope."""
         embeds = kwargs.get("inputs_embeds")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         batch, length = (embeds.shape[:2] if embeds is not None else input_ids.shape)
-        if cache is not None and cache.get_seq_length() > 0 and self._generating is not None \
-                and self._generating.shape[0] == batch:  # a KV-cached step continues its rows
-            if self.scope == "prompt" or not self._generating.any():
-                self.state.gate = False  # every cached position is an image step, or a row that draws nothing
-            elif self._all_generating:
-                self.state.gate = None
+        if cache is not None and cache.get_seq_length() > 0 and self._drawing is not None \
+                and self._drawing[0].shape[0] == batch:  # a KV-cached step continues its rows: an image step, or text
+            drawing, every, any_ = self._drawing
+            if self.scope == "prompt" or not any_:
+                self.state.gate = False
             else:
-                self.state.gate = self._generating[:, None, None].expand(batch, length, 1).to(torch.float32)
+                self.state.gate = None if every else drawing[:, None, None].expand(batch, length, 1).float()
             return
         marks = []
         for token_id in self.image_token_ids:
@@ -363,12 +334,12 @@ class Membranes:
         last_begin, last_end = ((mark * index).amax(1) for mark in marks)  # 0 = none in the row
         drawing = last_begin > last_end
         image = drawing[:, None] & (index[None] >= last_begin[:, None])
-        self._generating, self._all_generating = drawing, bool(drawing.all())  # one host sync per prompt
+        self._drawing = (drawing, bool(drawing.all()), bool(drawing.any()))  # host syncs once per prompt, not step
         gate = image if self.scope == "image" else drawing[:, None] & ~image
         self.state.gate = gate[..., None].to(torch.float32)
 
     def merge(self):
-        """W += delta for every membrane. Only for scope all: a gated delta is not a weight."""
+        """W += delta for every membrane: sampling at no extra cost. Scope all only: a gated delta is no weight."""
         if self.scope != "all":
             raise SPMError(f"cannot merge membranes of scope {self.scope}: only scope all acts on every position "
                            f"the way a weight does", 2)
@@ -377,7 +348,7 @@ class Membranes:
             self.state.merged = True
 
     def unmerge(self):
-        """W -= delta: the base weights as they were (to float rounding)."""
+        """W -= delta: the base weights as they were, to float rounding."""
         if self.state.merged:
             self._fold(-1)
             self.state.merged = False
@@ -385,15 +356,13 @@ class Membranes:
     @torch.no_grad()
     def _fold(self, sign):
         for m in self.modules.values():
-            weight = m.base.weight
-            weight.copy_((weight.float() + sign * m.merged_delta()).to(weight.dtype))
+            m.base.weight.copy_((m.base.weight.float() + sign * m.merged_delta()).to(m.base.weight.dtype))
 
     @contextlib.contextmanager
     def switched(self, enabled: bool):
         if self.state.merged and not enabled:
             raise SPMError("the membranes are merged into the weights: unmerge() before switching them off", 2)
-        previous = self.state.enabled
-        self.state.enabled = enabled
+        previous, self.state.enabled = self.state.enabled, enabled
         try:
             yield self
         finally:
@@ -407,8 +376,7 @@ class Membranes:
 
     @contextlib.contextmanager
     def strength(self, multiplier):
-        previous = self.state.multiplier
-        self.state.multiplier = multiplier
+        previous, self.state.multiplier = self.state.multiplier, multiplier
         try:
             yield self
         finally:
@@ -421,11 +389,8 @@ class Membranes:
         return sum(p.numel() for p in self.parameters())
 
     def state_dict(self):
-        tensors = {}
-        for name, m in self.modules.items():
-            tensors[f"{name}.down"] = m.down.weight.detach().float().cpu().contiguous()
-            tensors[f"{name}.up"] = m.up.weight.detach().float().cpu().contiguous()
-        return tensors
+        return {f"{name}.{part}": getattr(m, part).weight.detach().float().cpu().contiguous()
+                for name, m in self.modules.items() for part in ("down", "up")}
 
     def load_state_dict(self, tensors, source="checkpoint"):
         expected = {k: v.shape for k, v in self.state_dict().items()}
@@ -477,12 +442,11 @@ def parse_layer_ids(spec, num_layers, flag="--attn-layer-ids"):
 
 def check_modules(layers, modules=None):
     """The --modules of --layers (all of them when none are named); a name outside --layers is an error."""
-    allowed = LAYER_CHOICES[layers]
-    unknown = [m for m in modules or [] if m not in allowed]
+    unknown = [m for m in modules or [] if m not in LAYER_CHOICES[layers]]
     if unknown:
         raise SPMError(f"--modules {unknown[0]!r} is not a module of --layers {layers}: "
-                       f"choose from {','.join(allowed)}", 2)
-    return list(modules) if modules else list(allowed)
+                       f"choose from {','.join(LAYER_CHOICES[layers])}", 2)
+    return list(modules or LAYER_CHOICES[layers])
 
 
 def membrane_targets(num_layers, layers="attn", modules=None, attn_layer_ids=None, mlp_layer_ids=None):
@@ -517,7 +481,7 @@ def attach_for(model, tokenizer, config):
 
 
 # -----------------------------------------------------------------------------
-# Models: a hub id or local directory in transformers' Janus format, 'tiny' built here, 'toy' next to this file
+# Models: a hub id or a local directory in transformers' Janus format, 'tiny' built here, 'toy' next to this file
 
 
 def word_tokenizer(words):
@@ -534,9 +498,8 @@ def word_tokenizer(words):
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
-                              "eoi_token": "<end_of_image>"})
+        padding_side="left", extra_special_tokens={"image_token": "<image_placeholder>",
+                                                   "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"})
 
 
 def janus_config(vocab_size, hidden=64, intermediate=128, layers=2, heads=4, grid=8, patch=4, codebook=256,
@@ -587,12 +550,11 @@ def toy_model_dir():
 
 
 def resolve_model(name):
-    """'tiny' stays as is; 'toy' is the trained toy model next to this file; anything else goes to transformers."""
+    """'toy' is the trained toy model next to this file; 'tiny' and anything else stay as they are."""
     if name == "toy":
-        path = toy_model_dir()
-        if not (path / "config.json").exists():
-            raise SPMError(f"the toy model is not at {path}: build it with `python toy_janus.py`", 1)
-        return str(path)
+        if not (toy_model_dir() / "config.json").exists():
+            raise SPMError(f"the toy model is not at {toy_model_dir()}: build it with `python toy_janus.py`", 1)
+        return str(toy_model_dir())
     return name
 
 
@@ -602,10 +564,9 @@ HUB_HINT = "pass a hub id such as deepseek-community/Janus-Pro-1B, a local direc
 
 @functools.lru_cache(maxsize=None)
 def hub_kwargs(name):
-    """from_pretrained's keywords for `name`: {} to load as usual (a directory, or a hub id the hub answers for), or
-    local_files_only when the hub cannot be reached and the local cache holds the model. One request with a short
-    timeout (HF_HUB_ETAG_TIMEOUT, default 3 s here) and no retries comes first: offline, from_pretrained would retry
-    for about 30 s before it said that the model is missing."""
+    """from_pretrained's keywords: {} to load as usual (a directory, or a hub id the hub answers for), or
+    local_files_only when the hub cannot be reached and the cache holds the model. One request with a short timeout
+    (HF_HUB_ETAG_TIMEOUT, 3 s here) and no retries: offline, from_pretrained would retry for about 30 s first."""
     if Path(name).expanduser().is_dir():
         return {}
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
@@ -643,7 +604,7 @@ def hub_kwargs(name):
 
 
 def load_config(name):
-    """The model's JanusConfig, read before any weights, so bad layer ids fail fast."""
+    """The model's JanusConfig, read before any weights, so that bad layer ids fail fast."""
     name = resolve_model(name)
     if name == "tiny":
         return build_tiny_janus()[0].config
@@ -671,8 +632,8 @@ def pick_device(device="auto"):
 
 
 def set_threads(threads, config, device):
-    """0 = auto: one CPU thread for narrow models, whose small matmuls gain nothing from more threads and slow
-    down many times over when another process loads the CPU; torch's default otherwise."""
+    """0 = one CPU thread for narrow models, whose small matmuls gain nothing from more threads and slow down
+    many times over when another process loads the CPU; torch's default otherwise."""
     if threads:
         torch.set_num_threads(threads)
     elif device == "cpu" and config.text_config.hidden_size < 512:
@@ -680,7 +641,7 @@ def set_threads(threads, config, device):
 
 
 def load_model(name, dtype="float32", device="cpu"):
-    """Load (model, tokenizer) with every base weight frozen."""
+    """(model, tokenizer), every base weight frozen."""
     name = resolve_model(name)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if name == "tiny":
@@ -710,7 +671,7 @@ def special_ids(tokenizer):
 
 
 def generation_defaults(model):
-    """(cfg, temperature) from the model's generation config: 5 and 1 for Janus-Pro."""
+    """(cfg, temperature) of the model's generation config: 5 and 1 for Janus-Pro."""
     gen = model.generation_config
     return float(gen.guidance_scale or 5.0), float(gen.temperature if gen.temperature is not None else 1.0)
 
@@ -725,8 +686,8 @@ def format_prompt(prompt, tokenizer):
 
 def encode_prompts(tokenizer, prompts, device="cpu", max_length=None):
     """Left-padded (input_ids, attention_mask) [B, T], each row ending with <begin_of_image>."""
-    # Left, whatever the tokenizer's default: the image starts at the last column of every row, and a converted
-    # tokenizer that pads on the right would put pads between a short prompt and its image.
+    # Left whatever the tokenizer says: a converted tokenizer that pads on the right would put pads between a short
+    # prompt and its image, which starts at the last column of every row.
     batch = tokenizer([format_prompt(p, tokenizer) for p in prompts], return_tensors="pt", padding=True,
                       padding_side="left")
     if max_length is not None and batch.input_ids.shape[1] > max_length:
@@ -753,8 +714,8 @@ def derived_seed(*parts):
 
 
 def rollout_uniforms(seed, step, first_index, count, num_tokens, device="cpu"):
-    """One uniform per image token per sample, from a generator seeded by (seed, step, sample index): sampling by
-    inverse CDF with these makes each sample independent of the batch it is in."""
+    """One uniform per image token per sample, seeded by (seed, step, sample index): sampled by inverse CDF with
+    these, a sample does not depend on the batch it is in."""
     rows = []
     for index in range(first_index, first_index + count):
         generator = torch.Generator().manual_seed(derived_seed(seed, step, index, "rollout"))
@@ -764,13 +725,12 @@ def rollout_uniforms(seed, step, first_index, count, num_tokens, device="cpu"):
 
 @torch.no_grad()
 def sample_codes(model, prompt_embeds, uncond_embeds, attention_mask, cfg, temperature, uniforms=None):
-    """Sample image codes [B, N] with CFG and a KV cache. cfg: a float or one scale per row [B, 1]; uniforms [B, N]
-    in [0,1) (None = greedy)."""
+    """Image codes [B, N] with CFG and a KV cache. cfg: a float or one scale per row [B, 1]; uniforms [B, N] in
+    [0, 1) (None = greedy)."""
     from transformers import DynamicCache
 
     language_model, head = model.model.language_model, model.model.generation_head
-    num_tokens = model.config.vision_config.num_image_tokens
-    batch = prompt_embeds.shape[0]
+    batch, num_tokens = prompt_embeds.shape[0], model.config.vision_config.num_image_tokens
     embeds = torch.cat([prompt_embeds, uncond_embeds])  # [2B, T, D], conditional rows first
     mask = torch.cat([attention_mask, attention_mask])
     position_ids = positions(mask)
@@ -796,11 +756,10 @@ def sample_codes(model, prompt_embeds, uncond_embeds, attention_mask, cfg, tempe
 
 @torch.no_grad()
 def sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature):
-    """Codes [len(prompts), len(seeds), N]: each (prompt, seed) pair is sampled independently of the batch. A seed
-    gives every prompt the same random numbers, so base and erased pictures of one seed are directly comparable."""
+    """Codes [len(prompts), len(seeds), N], each (prompt, seed) sampled independently of the batch; a seed gives
+    every prompt the same random numbers, so base and erased pictures of one seed compare directly."""
     input_ids, mask = encode_prompts(tokenizer, [p for p in prompts for _ in seeds], next(model.parameters()).device)
-    embed = model.get_input_embeddings()
-    num_tokens = model.config.vision_config.num_image_tokens
+    embed, num_tokens = model.get_input_embeddings(), model.config.vision_config.num_image_tokens
     uniforms = torch.cat([rollout_uniforms(seed, 0, 0, 1, num_tokens) for _ in prompts for seed in seeds])
     codes = sample_codes(model, embed(input_ids), embed(unconditional_ids(input_ids, tokenizer)), mask, cfg,
                          temperature, uniforms.to(mask.device))
@@ -833,8 +792,8 @@ def cfg_combine(cond, uncond, scale):
 
 
 def erasure_target(concept_logits, surrogate_logits, eta):
-    """SPM's target for the concept prompt: t = l(surrogate) - eta * (l(concept) - l(surrogate)), on teacher logits.
-    eta 0 maps the concept onto the surrogate; a larger eta pushes further away from the concept."""
+    """SPM's target on teacher logits, t = l(surrogate) - eta * (l(concept) - l(surrogate)): eta 0 maps the concept
+    onto the surrogate, a larger eta pushes further away from the concept."""
     return surrogate_logits - eta * (concept_logits - surrogate_logits)
 
 
@@ -849,29 +808,27 @@ def divergence(student, target, loss="kl", direction="forward"):
 
 
 def code_log_likelihood(cond_logits, uncond_logits, codes, cfg, temperature):
-    """Mean log-probability per image token [B] of `codes` under the distribution that is sampled: CFG, then
-    temperature."""
+    """Mean log-probability per image token [B] of `codes` under what is sampled: CFG, then temperature."""
     combined = cfg_combine(cond_logits, uncond_logits, cfg) / (temperature if temperature > 0 else 1.0)
     return F.log_softmax(combined, -1).gather(-1, codes[..., None]).squeeze(-1).mean(-1)
 
 
 # -----------------------------------------------------------------------------
-# Words in prompts: spelling, augmentation, the concept's own tokens
+# Words: what a tokenizer spells, augmented templates, the concept's own tokens in a prompt
 
 
 def known_concepts(tokenizer, concepts):
-    """The concepts the tokenizer can spell without <unk> (a word-level toy vocabulary lacks most words)."""
+    """The concepts the tokenizer spells without <unk> (a word-level toy vocabulary lacks most words)."""
     unk = tokenizer.unk_token_id
     return [c for c in concepts if unk is None or unk not in tokenizer(c, add_special_tokens=False).input_ids]
 
 
 def vocabulary_words(tokenizer, words=AUGMENT_WORDS + COMMON_CONCEPTS + PUNCTUATION):
-    """The words of `words` that the tokenizer spells without <unk>."""
     return known_concepts(tokenizer, list(dict.fromkeys(words)))
 
 
 def augment_template(template, words, generator, max_edits=3):
-    """A random edit of a prompt template that keeps its one {}: 1 to max_edits insertions of a word from `words`,
+    """A random edit of a template that keeps its one {}: 1 to max_edits insertions of a word from `words`,
     deletions of another word, swaps of neighbours, a shuffle, or punctuation."""
     def randint(n):
         return int(torch.randint(n, (), generator=generator))
@@ -895,10 +852,9 @@ def augment_template(template, words, generator, max_edits=3):
 
 
 def concept_columns(tokenizer, text, concept, start=0, stop=None):
-    """Token indices of tokenizer(text, add_special_tokens=False) that spell the last whole-word occurrence of
-    `concept` (any case) within text[start:stop]; None when it does not occur there. Found by character offsets:
-    byte-level BPE spells a word by its context (' Mickey' is 'ĠMickey' after a space, 'Mickey' after '('), so only
-    the prompt's own tokens are the concept's tokens as the model sees them."""
+    """Indices of the tokens of tokenizer(text, add_special_tokens=False) that spell the last whole-word occurrence
+    of `concept` (any case) in text[start:stop], or None. By character offsets: byte-level BPE spells a word by its
+    context (' Mickey' is 'ĠMickey' after a space, 'Mickey' after '('), so only the prompt's own tokens will do."""
     hits = list(re.finditer(rf"(?<!\w){re.escape(concept)}(?!\w)", text[start:stop], re.IGNORECASE))
     if not hits:
         return None
@@ -914,8 +870,7 @@ def concept_columns(tokenizer, text, concept, start=0, stop=None):
 
 
 def concept_token_positions(tokenizer, prompts, concepts, input_ids):
-    """Columns of each row's concept tokens (its last occurrence in the prompt) in input_ids [B, T] from
-    encode_prompts(prompts); [] where the prompt does not spell the concept."""
+    """Columns in input_ids [B, T] (from encode_prompts(prompts)) of each row's concept tokens; [] where absent."""
     start = format_prompt("\0", tokenizer).index("\0")  # the prompt's span: never match inside the template
     result = []
     for prompt, concept, row in zip(prompts, concepts, input_ids.tolist()):
@@ -947,24 +902,22 @@ def latent_anchor_embeds(cond_embeds, columns, generator):
 
 
 def soft_prompt_inputs(model, tokenizer, soft):
-    """Janus' text-to-image format with the prompt text replaced by free input embeddings soft [K, D]:
-    (prompt_embeds, uncond_embeds, mask), each with one row. The unconditional row pads the soft positions as
-    CFG pads the text."""
+    """Janus' text-to-image format with the prompt text replaced by free input embeddings soft [K, D]: one row of
+    (prompt_embeds, uncond_embeds, mask); the unconditional row pads the soft positions as CFG pads text."""
     before, after = format_prompt("\x00", tokenizer).split("\x00")
     device, embed = soft.device, model.get_input_embeddings()
     head = tokenizer(before, return_tensors="pt").input_ids.to(device)  # BOS and the user turn
     tail = tokenizer(after, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    pad = torch.full((1, soft.shape[0]), tokenizer.pad_token_id, device=device)
-    ids = torch.cat([head, pad, tail], 1)
+    ids = torch.cat([head, torch.full((1, soft.shape[0]), tokenizer.pad_token_id, device=device), tail], 1)
     cond = torch.cat([embed(head), soft[None].to(embed.weight.dtype), embed(tail)], 1)
     return cond, embed(unconditional_ids(ids, tokenizer)), torch.ones_like(ids)
 
 
 def optimise_soft_prompt(model, tokenizer, codes, tokens=4, steps=200, lr=1e-2, cfg=5.0, temperature=1.0,
                          generator=None, init=None):
-    """Soft-prompt attack (concept inversion): `tokens` free input embeddings, optimised with Adam to maximise the
-    likelihood of the pictures `codes` [R, N] under the model as it is (membranes on or off). Starts from `init`
-    [tokens, D] or from random vocabulary embeddings. Returns (soft [tokens, D], final mean log-likelihood)."""
+    """Concept inversion: `tokens` free input embeddings (from `init` [tokens, D], or random vocabulary embeddings),
+    optimised with Adam to maximise the likelihood of the pictures `codes` [R, N] under the model as it is (membranes
+    on or off). Returns (soft [tokens, D], its final mean log-likelihood)."""
     weight = model.get_input_embeddings().weight
     if init is None:
         init = weight[torch.randint(weight.shape[0], (tokens,), generator=generator).to(weight.device)]
@@ -989,7 +942,7 @@ def optimise_soft_prompt(model, tokenizer, codes, tokens=4, steps=200, lr=1e-2, 
 
 
 # -----------------------------------------------------------------------------
-# The trainer: one step = rollout -> teacher -> target -> student loss -> update, with levers as plug-ins
+# The trainer: one step = rollout -> teacher -> target -> student loss -> update; levers plug in
 
 
 class Rows(NamedTuple):
@@ -1001,20 +954,19 @@ class Rows(NamedTuple):
 
 
 class Batch:
-    """The prompts of one step, tokenised together so that every row has the same length and the images line up.
-    rows: name -> Rows. 'concept' and 'surrogate' always; 'surrogate' is a substitute's own rows or, for the empty
-    surrogate, the concept rows' unconditional prompt; every lever that adds prompts gets rows under its name."""
+    """The prompts of one step, tokenised together so that every row has one length and the images line up. rows:
+    'concept'; 'surrogate' (a substitute's own rows, or for the empty surrogate the concept rows' unconditional
+    prompt); and each lever that adds prompts, under its name. streams: the sampled groups' rollout-noise offsets."""
 
     def __init__(self, trainer, picks):
         c, B = trainer.config, trainer.config.batch_size
         self.picks, self.prompts = picks, [t.format(concept) for concept, t in picks]
-        self.rows = {"concept": Rows(0, B)}
+        self.rows, self.streams = {"concept": Rows(0, B)}, {"concept": 0}
         if c.surrogate:
             self.rows["surrogate"] = Rows(B, 2 * B)
             self.prompts += [t.format(c.surrogate) for _, t in picks]
         else:
             self.rows["surrogate"] = Rows(0, B, unconditional=True)
-        self.streams = {"concept": 0}  # row groups that are sampled -> offset of their rollout noise
         for lever in trainer.levers:
             extra = lever.prompts(trainer, picks)
             if extra:
@@ -1029,7 +981,7 @@ class Batch:
 
     @property
     def groups(self):
-        """The row groups that get teacher and student logits: the concept and every lever's."""
+        """The row groups with teacher and student logits: the concept and every lever's."""
         return [name for name in self.rows if name != "surrogate"]
 
     def view(self, name, unconditional=False):
@@ -1038,7 +990,7 @@ class Batch:
 
 
 class Step(NamedTuple):
-    """What one step computed, for the levers' loss terms: distributions are name -> [rows, N, V]."""
+    """What a step computed, for the levers: codes and distributions are group name -> [rows, N(, V)]."""
     batch: Batch
     codes: dict
     teacher: dict
@@ -1047,13 +999,11 @@ class Step(NamedTuple):
 
 
 class Lever:
-    """A plug-in of Trainer.step. Override what it needs:
-    prompts()    prompts it adds to the step's batch (sampled, with teacher and student logits under its name);
-    edit()       changes its rows' input embeddings in the batch;
-    adversaries() student distributions that must be erased like the concept prompt (trained towards the target);
-    loss()       its own loss term, added with `weight`.
-    Its state (state_dict / load_state_dict) is saved with the trainer for --resume."""
-    name, weight, stream = "lever", 1.0, None  # stream: offset of its rows' rollout noise in the sample index
+    """A plug-in of Trainer.step; override what it needs. prompts(): prompts it adds to the batch (sampled, with
+    teacher and student logits under its name); edit(): changes its rows' input embeddings; adversaries(): student
+    distributions to be erased like the concept prompt's; loss(): its own term, added with `weight`. Its state is
+    saved with the trainer for --resume."""
+    name, weight, stream = "lever", 1.0, None  # stream: offset of its rows' sample indices in the rollout noise
 
     def prompts(self, trainer, picks):
         return []
@@ -1075,9 +1025,9 @@ class Lever:
 
 
 class Anchoring(Lever):
-    """Holds other concepts to the teacher: weight * KL(teacher || student) on rollouts of anchor rows. prompts:
-    --anchor-prompts in the training templates; latent: SPM's latent anchoring, the concept prompts with the
-    concept's token embeddings replaced by norm-matched random vectors (no list of concepts needed)."""
+    """weight * KL(teacher || student) on rollouts of anchor rows: --anchor-prompts in the training templates
+    (prompts), or the concept prompts with the concept's token embeddings replaced by norm-matched random vectors
+    (latent: SPM's latent anchoring, no list of concepts needed)."""
     name, stream = "anchor", 10 ** 9  # anchor rows never draw the rollout noise of a concept row
 
     def __init__(self, config):
@@ -1089,16 +1039,15 @@ class Anchoring(Lever):
         return [t.format(concept) for concept, t in trainer.pick(trainer.config.anchor_prompts, "anchor")]
 
     def edit(self, trainer, batch):
-        if self.kind != "latent":
-            return
-        rows = batch.rows[self.name]
-        columns = concept_token_positions(trainer.tokenizer, batch.prompts[rows.start:rows.stop],
-                                          [concept for concept, _ in batch.picks], batch.input_ids[rows.start:rows.stop])
-        batch.cond = batch.cond.clone()
-        for i, cols in enumerate(columns):
-            row = rows.start + i
-            batch.cond[row:row + 1] = latent_anchor_embeds(batch.cond[row:row + 1], [cols],
-                                                           trainer.generator(trainer.first_index + i, "latent"))
+        if self.kind == "latent":
+            rows = batch.rows[self.name]
+            columns = concept_token_positions(trainer.tokenizer, batch.prompts[rows.start:rows.stop],
+                                              [c for c, _ in batch.picks], batch.input_ids[rows.start:rows.stop])
+            batch.cond = batch.cond.clone()
+            for i, cols in enumerate(columns):
+                row = rows.start + i
+                batch.cond[row:row + 1] = latent_anchor_embeds(batch.cond[row:row + 1], [cols],
+                                                               trainer.generator(trainer.first_index + i, "latent"))
 
     def loss(self, trainer, step):
         return divergence(step.student[self.name], step.teacher[self.name], "kl", trainer.config.kl_direction)
@@ -1106,12 +1055,12 @@ class Anchoring(Lever):
 
 class SoftPromptAdversary(Lever):
     """--adversarial soft (AdvUnlearn-style): every --adversarial-every steps a soft prompt per concept is optimised
-    against the current membranes to draw the concept's pictures (the teacher's own samples), warm-started from the
-    last one; the student's distribution on it is trained towards the erasure target like the concept prompt's."""
+    against the current membranes to draw the concept's pictures (the teacher's samples), warm-started from the last
+    one; the student's distribution on it is trained towards the erasure target like the concept prompt's."""
     name = "soft"
 
     def __init__(self, config):
-        self.soft, self.references = {}, {}  # concept -> soft prompt [tokens, D]; -> its pictures [R, N]
+        self.soft, self.references = {}, {}  # concept -> soft prompt [tokens, D], its pictures [R, N]
 
     def adversaries(self, trainer, step):
         c, model, tokenizer = trainer.config, trainer.model, trainer.tokenizer
@@ -1123,18 +1072,17 @@ class SoftPromptAdversary(Lever):
                         list(range(max(1, -(-8 // len(c.templates))))), c.cfg, c.temperature).flatten(0, 1)
             if trainer.step_count % c.adversarial_every == 0:
                 generator = torch.Generator().manual_seed(derived_seed(c.seed, trainer.step_count, concept, "soft"))
+                init = self.soft[concept].to(trainer.device) if concept in self.soft else None
                 with torch.enable_grad():
                     self.soft[concept], _ = optimise_soft_prompt(
                         model, tokenizer, self.references[concept], c.adversarial_tokens, c.adversarial_steps, 1e-2,
-                        c.cfg, c.temperature, generator, self.soft[concept].to(trainer.device) if concept in
-                        self.soft else None)
+                        c.cfg, c.temperature, generator, init)
         inputs = [soft_prompt_inputs(model, tokenizer, self.soft[concept].to(trainer.device))
                   for concept, _ in step.batch.picks]
         cond, uncond, mask = (torch.cat(parts) for parts in zip(*inputs))
         codes = step.codes["concept"]
-        cond_logits = image_logits(model, cond, mask, codes)
         uncond_logits = image_logits(model, uncond, mask, codes) if c.loss_on == "cfg" else None
-        return [trainer.distribution(cond_logits, uncond_logits)]
+        return [trainer.distribution(image_logits(model, cond, mask, codes), uncond_logits)]
 
     def state_dict(self):
         return {"soft": {c: t.cpu() for c, t in self.soft.items()}}
@@ -1145,27 +1093,23 @@ class SoftPromptAdversary(Lever):
 
 def levers_for(config):
     """The plug-ins a Config switches on, in the order their rows enter the batch."""
-    levers = []
-    if config.anchor in ("prompts", "latent"):
-        levers.append(Anchoring(config))
-    if config.adversarial == "soft":
-        levers.append(SoftPromptAdversary(config))
-    return levers
+    return ([Anchoring(config)] if config.anchor in ("prompts", "latent") else []) + \
+        ([SoftPromptAdversary(config)] if config.adversarial == "soft" else [])
 
 
 class Trainer:
-    """One erasure run on a resolved Config. first_index: the global index of this process' first sample."""
+    """An erasure run on a resolved Config; first_index: the global index of this process' first sample."""
 
     def __init__(self, model, tokenizer, membranes, config, first_index=0, levers=None):
         if not isinstance(config, Config) or not config.is_resolved:
             raise SPMError("Trainer needs a resolved Config: pass config.resolved(model, tokenizer)", 2)
         self.model, self.tokenizer, self.membranes, self.config = model, tokenizer, membranes, config
         self.levers = levers_for(config) if levers is None else levers
-        self.device = next(model.parameters()).device
-        self.embed = model.get_input_embeddings()
+        self.device, self.embed = next(model.parameters()).device, model.get_input_embeddings()
         self.num_tokens = model.config.vision_config.num_image_tokens
         self.context = model.config.text_config.max_position_embeddings - self.num_tokens
-        self.first_index = first_index
+        self.first_index, self.step_count, self.cached_rollout = first_index, 0, None
+        self.words = vocabulary_words(tokenizer) if config.augment else []  # context words of --augment
         self.optimizer = torch.optim.AdamW(membranes.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warmup, total = config.warmup, config.steps
 
@@ -1175,9 +1119,6 @@ class Trainer:
             return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.step_count = 0
-        self.cached_rollout = None  # (rollout step, codes), for --rollout-every
-        self.words = vocabulary_words(tokenizer) if config.augment else []  # context words of --augment
 
     def step(self):
         """One optimisation step; returns the metrics line."""
@@ -1239,7 +1180,7 @@ class Trainer:
         return self.cached_rollout[1]
 
     def distributions(self, batch, codes, groups):
-        """What the loss compares for each row group, from ONE teacher-forced pass over all of them."""
+        """What the loss compares, for each row group, from ONE teacher-forced pass over all of them."""
         twins = (False, True) if self.config.loss_on == "cfg" else (False,)
         views = list(dict.fromkeys(batch.view(g, u) for g in groups for u in twins))
         parts = [((batch.uncond if v.unconditional else batch.cond)[v.start:v.stop], batch.mask[v.start:v.stop],
@@ -1248,7 +1189,7 @@ class Trainer:
         return {g: self.distribution(logits[batch.view(g)], logits.get(batch.view(g, True))) for g in groups}
 
     def distribution(self, cond_logits, uncond_logits=None):
-        """Raw conditional logits (--loss-on cond), or the CFG-combined, tempered ones that are sampled (cfg)."""
+        """The raw conditional logits (--loss-on cond), or the CFG-combined, tempered ones that are sampled (cfg)."""
         c = self.config
         if c.loss_on == "cond":
             return cond_logits
@@ -1256,12 +1197,12 @@ class Trainer:
         return combined / c.temperature if c.temperature > 0 else combined
 
     def update(self, loss, terms, rollout_seconds, started):
-        """Backward, average over processes, clip, step; a non-finite step is skipped whole (no schedule advance)."""
+        """Backward, the mean over processes, clip, step; a non-finite step is skipped whole, schedule included."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = self.membranes.parameters()
         logged = torch.stack([loss.detach()] + [t.detach() for t in terms.values()])
-        if distributed():  # gradients and the metrics line are the means over all processes
+        if distributed():  # the gradients and the metrics line are the means over all processes
             world = torch.distributed.get_world_size()
             for p in params:
                 if p.grad is None:
@@ -1301,7 +1242,7 @@ def distributed():
 
 
 # -----------------------------------------------------------------------------
-# Pictures and files
+# Files: pictures, checkpoints (the membranes alone, as safetensors, with the run's Config in the metadata)
 
 
 @torch.no_grad()
@@ -1315,8 +1256,7 @@ def image_grid(rows, row_labels, column_labels=None, cell=128, label_width=170):
     """rows: list of uint8 [K, H, W, 3] tensors -> one labelled PIL image, one row per entry."""
     from PIL import Image, ImageDraw
 
-    header = 14 if column_labels else 0
-    columns = max(len(r) for r in rows)
+    header, columns = 14 if column_labels else 0, max(len(r) for r in rows)
     grid = Image.new("RGB", (label_width + columns * (cell + 2), header + len(rows) * (cell + 2)), "white")
     draw = ImageDraw.Draw(grid)
     for c, text in enumerate(column_labels or []):
@@ -1350,16 +1290,10 @@ def save_atomic(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:  # make the rename itself durable
+    with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    except OSError:
-        pass
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: membranes alone, as safetensors, with the run's whole Config in the metadata
 
 
 def model_signature(model):
@@ -1385,25 +1319,22 @@ def save_membranes(path, membranes, config, step, world_size=1):
 def checkpoint_path(path):
     """A run directory or its membranes file -> the membranes file."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / CHECKPOINT_NAME).is_file():
-            raise SPMError(f"--ckpt {path} is a directory without {CHECKPOINT_NAME}: pass a run directory "
-                           f"(the --out of spm_janus.py) or its {CHECKPOINT_NAME}", 2)
-        return path / CHECKPOINT_NAME
-    if not path.is_file():
+    if path.is_dir() and not (path / CHECKPOINT_NAME).is_file():
+        raise SPMError(f"--ckpt {path} is a directory without {CHECKPOINT_NAME}: pass a run directory (the --out of "
+                       f"spm_janus.py) or its {CHECKPOINT_NAME}", 2)
+    if not path.exists():
         raise SPMError(f"--ckpt {path} does not exist: pass a run directory or its {CHECKPOINT_NAME}", 2)
-    return path
+    return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
 def read_checkpoint(path):
-    """(tensors, metadata with 'config' parsed) from a run directory or membranes file; one-line errors."""
+    """(tensors, metadata with the config parsed) of a run directory or membranes file; one-line errors."""
     from safetensors import safe_open
 
     path = checkpoint_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata, tensors = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise SPMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
                        f"it may be truncated or corrupt", 1) from None
@@ -1418,7 +1349,7 @@ def read_checkpoint(path):
 
 
 def load_membranes(path, model, tokenizer):
-    """Rebuild the membranes of a checkpoint on `model` and load their weights. Returns (membranes, metadata)."""
+    """The membranes of a checkpoint, rebuilt on `model` with their weights: (membranes, metadata)."""
     tensors, metadata = read_checkpoint(path)
     signature = model_signature(model)
     for key, value in metadata["model_signature"].items():
@@ -1436,7 +1367,7 @@ def load_membranes(path, model, tokenizer):
 
 
 def save_run(out, trainer, world_size=1):
-    """Trainer state first, then the membranes: each file is atomic, and the state holds its own copy of the
+    """The trainer state first, then the membranes: each file is atomic, and the state holds its own copy of the
     membranes, so a kill between the two leaves a consistent pair to resume from."""
     state = trainer.state_dict()
     save_atomic(out / STATE_NAME, lambda tmp: torch.save(state, tmp))
@@ -1455,20 +1386,18 @@ def load_trainer_state(path):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with a one-line usage error that names the problem, no prefix matching of flags (a typo such as
+    """argparse with one-line usage errors that name the problem, no prefix matching of flags (a typo such as
     --step must not silently become --steps), and each default said once in the help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", DefaultsOnce)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **{"allow_abbrev": False, "formatter_class": DefaultsOnce, **kwargs})
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class DefaultsOnce(argparse.HelpFormatter):
-    """'(default: X)' after a flag's help, unless the help already says its default or there is none to say."""
+    """'(default: X)' after a flag's help, unless the help says its default already or there is none to say."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -1478,45 +1407,35 @@ class DefaultsOnce(argparse.HelpFormatter):
 
 
 def build_parser():
-    """The training flags, one per Config field, grouped as the Config is; unset flags stay out of the Namespace,
-    so that --resume can tell what was given."""
+    """One flag per Config field, grouped as in the Config; flags not given stay out of the Namespace, so that
+    --resume tells what was given."""
     parser = OneLineParser(prog="spm_janus.py", usage="%(prog)s --concept CONCEPT [options]\n"
                            "       %(prog)s export-peft --ckpt RUN --out DIR",
-                           description="Erase a visual concept from Janus-Pro with SPM membranes. "
-                                       "`spm_janus.py export-peft --help`: write scope-all membranes as a PEFT adapter.")
+                           description="Erase a visual concept from Janus-Pro with SPM membranes; "
+                                       "`spm_janus.py export-peft --help` writes scope-all membranes as a PEFT adapter.")
     groups = {}
     for f in dataclasses.fields(Config):
         meta = f.metadata
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        shown = "" if f.default is None or "default" in meta["help"] else \
-            f" (default: {f.default!r})" if isinstance(f.default, str) else f" (default: {f.default})"
-        kwargs = dict(default=argparse.SUPPRESS, help=meta["help"] + shown, type=meta["type"] or type(f.default))
-        if meta["many"]:
-            kwargs["action"] = "append"
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        shown = "" if f.default is None or "default" in meta["help"] else f" (default: {f.default!r})" \
+            if isinstance(f.default, str) else f" (default: {f.default})"
+        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=meta["help"] + shown,
+                           type=meta["type"] or type(f.default), choices=meta["choices"],
+                           action="append" if meta["many"] else "store")
     groups["output"].add_argument("--resume", default=None, help="run directory to continue from its last checkpoint, "
                                   "with its own settings; only the flags of the budget and the output may change")
     groups["output"].add_argument("--overwrite", action="store_true", help="allow --out to hold a different run")
     return parser
 
 
-def read_templates(values):
-    """--templates: strings with {} as they are, files one template a line."""
-    templates = []
-    for value in values:
-        lines = Path(value).read_text().splitlines() if "{}" not in value and Path(value).is_file() else [value]
-        templates += [t.strip() for t in lines if t.strip()]
-    return templates
-
-
 def config_from_args(args):
     """The Config of the flags given; with --resume, the run's own Config with them, refused if one changes the
     method (only the budget and the output may change)."""
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    if "templates" in given:
-        given["templates"] = read_templates(given["templates"])
+    if "templates" in given:  # a value without {} that names a file: one template a line
+        given["templates"] = [t.strip() for value in given["templates"] for t in (
+            Path(value).read_text().splitlines() if "{}" not in value and Path(value).is_file() else [value])
+            if t.strip()]
     if not args.resume:
         return Config(**given)
     run = Path(args.resume)
@@ -1527,14 +1446,14 @@ def config_from_args(args):
     wanted = dataclasses.replace(previous, **given, out=args.resume)
     for f in dataclasses.fields(Config):
         if not f.metadata["resumable"] and f.name != "out" and getattr(wanted, f.name) != getattr(previous, f.name):
-            raise SPMError(f"--resume {args.resume}: --{f.name.replace('_', '-')} was {getattr(previous, f.name)!r} "
-                           f"in that run, now {getattr(wanted, f.name)!r}; resume with the run's method flags (only "
-                           f"--steps and the output flags may change)", 2)
+            raise SPMError(f"--resume {run}: --{f.name.replace('_', '-')} was {getattr(previous, f.name)!r} in that "
+                           f"run, now {getattr(wanted, f.name)!r}; resume with the run's method flags (only --steps "
+                           f"and the output flags may change)", 2)
     return wanted
 
 
 def prepare_out_dir(out, resume=False, overwrite=False):
-    """The run directory; refuses one that holds a different run unless resuming or overwriting."""
+    """The run directory; one that holds a different run is refused unless resuming or overwriting."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1550,7 +1469,7 @@ def prepare_out_dir(out, resume=False, overwrite=False):
 
 
 def setup_distributed(device):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPUs, gloo on CPU). Returns (rank, world)."""
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: join the group (NCCL on GPUs, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -1562,27 +1481,21 @@ def setup_distributed(device):
     return torch.distributed.get_rank(), world, device
 
 
-class StopSignal:
-    """SIGINT/SIGTERM ask the loop to stop after the current step, save, and exit non-zero."""
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM ask the loop to stop after the step, save and exit non-zero; a second SIGINT stops at once."""
+    received = []
 
-    def __init__(self):
-        self.received = None
-
-    def __enter__(self):
-        import signal
-
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.received is not None:  # a second Ctrl-C: stop at once
+    def handle(signum, frame):
+        if received:
             raise KeyboardInterrupt
-        self.received = signum
+        received.append(signum)
 
-    def __exit__(self, *exc):
-        import signal
-
-        for s, handler in self.previous.items():
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
             signal.signal(s, handler)
 
 
@@ -1601,7 +1514,7 @@ def train(config, resume=False, overwrite=False):
     trainer = Trainer(model, tokenizer, membranes, config, first_index=rank * config.batch_size)
     if resume:
         trainer.load_state_dict(load_trainer_state(out / STATE_NAME))
-    writes = rank == 0  # only rank 0 writes checkpoints, grids and the metrics
+    writes = rank == 0  # only rank 0 writes checkpoints, grids and metrics
 
     def write_grid():
         if writes and config.sample_every:
@@ -1621,8 +1534,8 @@ def train(config, resume=False, overwrite=False):
 
     progress = tqdm(range(trainer.step_count, config.steps), initial=trainer.step_count, total=config.steps,
                     disable=not writes, dynamic_ncols=True)
-    bad_steps, terms = 0, [lever.name for lever in trainer.levers]
-    with StopSignal() as stop, (open(out / "metrics.jsonl", "a") if writes else contextlib.nullcontext()) as log:
+    bad_steps, shown = 0, ["loss", "erase", *[lever.name for lever in trainer.levers]]
+    with stop_signals() as stop, (open(out / "metrics.jsonl", "a") if writes else contextlib.nullcontext()) as log:
         for _ in progress:
             metrics = trainer.step()
             bad_steps = 0 if metrics["finite"] else bad_steps + 1
@@ -1632,17 +1545,17 @@ def train(config, resume=False, overwrite=False):
                 if bad_steps >= config.max_bad_steps:
                     raise SPMError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped. The last "
                                    f"good checkpoint is kept in {out}: lower --lr or use --dtype float32", 1)
-            progress.set_postfix({k: f"{metrics[k]:.4f}" for k in ["loss", "erase", *terms] if k in metrics})
+            progress.set_postfix({k: f"{metrics[k]:.4f}" for k in shown if k in metrics})
             if writes:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
             step = trainer.step_count
-            if stop.received is not None:
+            if stop:
                 if writes:
                     save_run(out, trainer, world)
                     print(f"\ninterrupted: saved {out / CHECKPOINT_NAME} at step {step}; continue with "
                           f"--resume {out}", file=sys.stderr)
-                sys.exit(128 + stop.received)
+                sys.exit(128 + stop[0])
             if writes and config.save_every and step % config.save_every == 0 and step < config.steps:
                 save_run(out, trainer, world)
             if config.sample_every and step % config.sample_every == 0 and step < config.steps:
@@ -1654,26 +1567,15 @@ def train(config, resume=False, overwrite=False):
     return config
 
 
-def export_main(argv):
-    """`spm_janus.py export-peft`: the PEFT export lives in inference.py, beside this file."""
-    parser = OneLineParser(prog="spm_janus.py export-peft",
-                           description="Write membranes of scope all as a PEFT LoRA adapter.")
-    parser.add_argument("--ckpt", required=True, help="run directory (or its membranes.safetensors), trained with "
-                                                      "--scope all")
-    parser.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
-    args = parser.parse_args(argv)
-    try:
-        import inference
-    except ImportError:
-        raise SPMError("export-peft needs inference.py from spm-janus next to spm_janus.py", 1) from None
-    print(f"wrote {inference.export_peft(args.ckpt, args.out)}")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["export-peft"]:
-            return export_main(argv[1:])
+        if argv[:1] == ["export-peft"]:  # the PEFT export lives in inference.py, beside this file
+            try:
+                import inference
+            except ImportError:
+                raise SPMError("export-peft needs inference.py of spm-janus next to spm_janus.py", 1) from None
+            return inference.export_main(argv[1:])
         args = build_parser().parse_args(argv)
         train(config_from_args(args), resume=bool(args.resume), overwrite=args.overwrite)
     except SPMError as e:

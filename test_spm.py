@@ -687,9 +687,9 @@ def compare_cells(path, rows, columns):
 
 
 def test_sample_without_checkpoint_on_tiny(tmp_path):
-    result = run_cli("sample.py", "--model", "tiny", "--prompt", "a cat", "--n", "1", "--out", str(tmp_path / "s.png"))
+    result = run_cli("sample.py", "--model", "tiny", "--prompt", "a cat", "--n", "1", "--out", str(tmp_path / "s"))
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "s.png").stat().st_size > 0
+    assert (tmp_path / "s" / "samples.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -725,9 +725,13 @@ def test_sample_with_checkpoint_of_another_model_is_one_line(tmp_path):
     assert result.returncode == 1 and len(lines) == 1 and "another model" in lines[0], result.stderr
 
 
-def test_every_flag_has_help():
+def test_every_flag_has_help_and_no_prefix_stands_for_a_flag():
+    import ablate
+    import bench
     import sample
-    for parser in (spm.build_parser(), sample.build_parser()):
+    for parser in (spm.build_parser(), sample.build_parser(), attack.build_parser(), ablate.build_parser(),
+                   bench.build_parser()):
+        assert parser.allow_abbrev is False, parser.prog  # --step must not be read as --steps
         for action in parser._actions:
             assert action.help, action.option_strings
 
@@ -1037,9 +1041,9 @@ def test_torchrun_two_processes_equal_one_process_with_the_whole_batch(tmp_path)
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["membranes.safetensors", "metrics.jsonl",
                                                                      "trainer_state.pt"]
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 alone writes
-    assert spm.read_checkpoint(tmp_path / "ddp" / "membranes.safetensors")[1]["config"]["world_size"] == 2
+    assert spm.read_checkpoint(tmp_path / "ddp")[1]["world_size"] == "2"
     sampled = run_cli("sample.py", "--ckpt", str(tmp_path / "ddp" / "membranes.safetensors"), "--n", "1",
-                      "--out", str(tmp_path / "s.png"))
+                      "--out", str(tmp_path / "s"))
     assert sampled.returncode == 0, sampled.stderr
 
 
@@ -1360,7 +1364,7 @@ def test_bpe_train_a_two_token_concept_then_sample_compare(bpe_janus_dir, tmp_pa
 def test_bench_quick_runs_on_a_checkpoint_directory(bpe_janus_dir, tmp_path):
     """bench.py --model: the same report on a checkpoint's own weights, tokenizer and image tokens."""
     import bench
-    bench.main(["--quick", "--model", str(bpe_janus_dir), "--pairs", "1", "--warmup", "0", "--sections", "train,sample",
+    bench.main(["--quick", "--model", str(bpe_janus_dir), "--pairs", "1", "--warmup-runs", "0", "--sections", "train,sample",
                 "--json", str(tmp_path / "b.json")])
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["n_image_tokens"] == 64 and report["model"].startswith(str(bpe_janus_dir))
@@ -1382,8 +1386,8 @@ def test_bfloat16_trains_and_samples_with_float32_membranes(tmp_path):
     spm.main([*TRAIN[1:], "--dtype", "bfloat16", "--steps", "2", "--out", str(out)])
     tensors, metadata = spm.read_checkpoint(out / "membranes.safetensors")
     assert metadata["config"]["dtype"] == "bfloat16" and {t.dtype for t in tensors.values()} == {torch.float32}
-    sample.main(["--ckpt", str(out / "membranes.safetensors"), "--n", "1", "--compare", "--out", str(tmp_path / "c.png")])
-    assert (tmp_path / "c.png").stat().st_size > 0
+    sample.main(["--ckpt", str(out), "--n", "1", "--compare", "--out", str(tmp_path / "c")])
+    assert (tmp_path / "c" / "compare.png").stat().st_size > 0
 
     model, tokenizer = spm.load_model("tiny", "bfloat16")
     membranes, _ = spm.load_membranes(out / "membranes.safetensors", model, tokenizer)
