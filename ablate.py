@@ -12,10 +12,12 @@ with the same evaluation seeds, and evaluation.py's summary turns the exact judg
 import json
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import attack
 import evaluation
@@ -142,9 +144,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for flag, value in (("--seeds", args.seeds), ("--n", args.n)):
-        if value < 1:
-            build_parser().error(f"{flag} {value} must be at least 1")
+    for flag, value, least in (("--seeds", args.seeds, 1), ("--n", args.n, 1), ("--steps", args.steps or 1, 1),
+                               ("--first-seed", args.first_seed, 0)):
+        if value < least:
+            build_parser().error(f"{flag} {value} must be at least {least}")
     torch.set_num_threads(1)
     candidates = SETTINGS + (LEVERS if args.levers or args.only else [])
     exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
@@ -158,8 +161,10 @@ def main(argv=None):
     synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
     judge = lambda codes, _: [obj for obj, _ in toy.judge_batch(codes)]
 
-    def draw(_, text_prompts):  # the membranes attached at the time decide base or erased
-        return torch.stack([spm.sample_prompts(model, tokenizer, [p], seeds, cfg, temperature)[0] for p in text_prompts])
+    def draw(erased, text_prompts):  # the membranes attached at the time decide base or erased
+        progress = tqdm(text_prompts, desc=f"{'erased' if erased else 'base'}: {args.n} pictures per prompt",
+                        unit="prompt", leave=False, file=sys.stderr, dynamic_ncols=True)
+        return torch.stack([spm.sample_prompts(model, tokenizer, [p], seeds, cfg, temperature)[0] for p in progress])
 
     base_codes = draw(False, [p.prompt for p in prompts])
     base = evaluation.summarize(evaluation.judge_records(lambda *_: base_codes, prompts, judge, args.n), ["mouse"], ANCHORS,
@@ -178,10 +183,12 @@ def main(argv=None):
     base_asr = {name: found["asr"] for name, found in attacked("base").items()}
     figure_prompts = ["a mouse", "a rodent", "a cat", "a dog"]
     step0 = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
-    figure_rows, results = [], []
+    figure_rows, results, runs = [], [], len(settings) * args.seeds
     for name, overrides in settings:
         per_seed = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
+            print(f"[run {len(results) * args.seeds + len(per_seed) + 1}/{runs}] {name}, training seed {seed}",
+                  file=sys.stderr, flush=True)
             out = Path(args.runs) / f"{re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')}-s{seed}"
             config = spm.Config(**{**overrides, "model": "toy", "concept": ["mouse"], "seed": seed, "out": str(out),
                                    "sample_every": 0, "save_every": 0, **({"steps": args.steps} if args.steps else {})})

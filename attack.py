@@ -17,7 +17,6 @@ that it can find the concept at all):
 - synonyms: every evaluation template with each of the concept's other words (the toy's synonyms, or --words).
 ASR = the share of an attack's final samples judged as the concept.
 """
-import argparse
 import json
 import sys
 import time
@@ -34,11 +33,11 @@ GENERIC_TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an i
 
 
 def build_parser():
-    parser = spm.OneLineParser(prog="attack.py", description="Red-team an erasure and report its worst case.",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = spm.OneLineParser(prog="attack.py", description="Red-team an erasure and report its worst case.")
     g = parser.add_argument_group("model")
     g.add_argument("--ckpt", action="append", required=True,
-                   help="membranes.safetensors of a run; repeat to attack membranes of several runs together")
+                   help="a run directory or its membranes.safetensors; repeat to attack the membranes of several runs "
+                        "together")
     g.add_argument("--model", default=None, help="base model; overrides the checkpoint's")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the run's")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
@@ -76,7 +75,8 @@ def build_parser():
     g.add_argument("--judge", default="toy", choices=["toy", "clip", "janus"], help="as in sample.py --eval")
     g.add_argument("--judge-model", default="openai/clip-vit-large-patch14", help="CLIP model of --judge clip")
     g.add_argument("--json", default=None, help="write the results to this JSON file")
-    g.add_argument("--out", default="runs/attack", help="directory for the soft prompts (safetensors)")
+    g.add_argument("--out", default=None, help="directory for the soft prompts (safetensors; default: beside --json, "
+                                              "else attack/ in the first --ckpt's run directory)")
     return parser
 
 
@@ -85,18 +85,11 @@ def check_args(args):
                                ("--candidates", args.candidates, 1), ("--rounds", args.rounds, 1),
                                ("--screen-n", args.screen_n, 0), ("--top", args.top, 1), ("--soft-tokens", args.soft_tokens, 1),
                                ("--soft-steps", args.soft_steps, 0), ("--soft-restarts", args.soft_restarts, 1),
-                               ("--gcg-steps", args.gcg_steps or 0, 0)):
+                               ("--gcg-steps", args.gcg_steps or 0, 0), ("--threads", args.threads, 0)):
         if value < least:
             raise spm.SPMError(f"{flag} {value} must be at least {least}", 2)
     if args.soft_lr <= 0:
         raise spm.SPMError(f"--soft-lr {args.soft_lr:g} must be positive", 2)
-
-
-def cfg_log_likelihood(model, prompt_embeds, uncond_embeds, attention_mask, codes, cfg, temperature):
-    """spm.code_log_likelihood [B] from one teacher-forced pass over the conditional and unconditional rows."""
-    logits = spm.image_logits(model, torch.cat([prompt_embeds, uncond_embeds]), torch.cat([attention_mask] * 2),
-                              torch.cat([codes] * 2))
-    return spm.code_log_likelihood(*logits.chunk(2), codes, cfg, temperature)
 
 
 class Target:
@@ -135,7 +128,7 @@ class Target:
             rows = [p for p in chunk for _ in range(len(references))]
             ids, mask = spm.encode_prompts(self.tokenizer, rows, self.device)
             codes = references.repeat(len(chunk), 1)
-            ll = cfg_log_likelihood(self.model, self.embed(ids), self.embed(spm.unconditional_ids(ids, self.tokenizer)),
+            ll = spm.cfg_log_likelihood(self.model, self.embed(ids), self.embed(spm.unconditional_ids(ids, self.tokenizer)),
                                         mask, codes, self.cfg, self.temperature)
             scores += ll.view(len(chunk), -1).mean(1).tolist()
         return scores
@@ -242,7 +235,7 @@ def gcg(target, references, prompt, words, steps, generator, top_k=16, batch=32)
         full_ids = torch.cat([head.expand(b, -1), ids.expand(b, -1), tail.expand(b, -1)], 1)
         uncond = target.embed(spm.unconditional_ids(full_ids, tokenizer))
         mask = torch.ones(full_ids.shape, dtype=torch.long, device=target.device)
-        ll = cfg_log_likelihood(model, full.repeat_interleave(rows, 0), uncond.repeat_interleave(rows, 0),
+        ll = spm.cfg_log_likelihood(model, full.repeat_interleave(rows, 0), uncond.repeat_interleave(rows, 0),
                                     mask.repeat_interleave(rows, 0), references.repeat(b, 1), target.cfg,
                                     target.temperature)
         return -ll.view(b, rows).mean(1)
@@ -339,10 +332,17 @@ def run_attack(name, target, references, words, other_words, templates, args, ta
         if name == "discrete":
             found = discrete(target, references, words, templates, args, progress)
         elif name == "soft":
-            found = soft(target, references, args, args.out, tag, progress)
+            found = soft(target, references, args, artefacts_dir(args), tag, progress)
         else:
             found = synonyms(target, other_words, templates)
     return found, round(time.time() - started, 1)
+
+
+def artefacts_dir(args):
+    """Where the soft prompts go: --out, else beside the JSON, else attack/ in the run directory."""
+    if args.out:
+        return Path(args.out)
+    return Path(args.json).parent if args.json else spm.checkpoint_path(args.ckpt[0]).parent / "attack"
 
 
 def print_results(results, concept, args):
@@ -353,7 +353,7 @@ def print_results(results, concept, args):
         mean = f"  mean over {r['tried']} tried prompts {r['mean_rate']:.1%};" if r.get("mean_rate") is not None else ""
         print(f"{r['name']:<10} {r['asr']:>6.1%} {r['base_asr']:>9.1%} {r['seconds']:>8.0f} {mean} {worst}")
         if r["name"] == "soft":
-            print(f"{'':<10} soft prompt: {r['prompt']} saved as {r['soft_prompt']}")
+            print(f"{'':<10} soft prompt: {r['prompt']}; saved as {r['soft_prompt']}")
 
 
 def run(args):
@@ -407,6 +407,7 @@ def run(args):
     if args.json:
         payload = json.dumps({"ckpt": args.ckpt, "concept": concept, "n": args.n, "seed": args.seed,
                               "attacks": results}, indent=1)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         spm.save_atomic(args.json, lambda tmp: Path(tmp).write_text(payload))
         print(f"wrote {args.json}")
     return results

@@ -37,6 +37,7 @@ import time
 
 import torch
 import transformers
+from tqdm import tqdm
 
 import spm_janus as spm
 
@@ -167,7 +168,8 @@ def rounds(sides, args, device):
     ratios = {name: ([], []) for name in others}  # wall, CPU
     before = seconds(sides[base], device)
     times[base].append(before)
-    for i in range(args.pairs):
+    for i in tqdm(range(args.pairs), desc=f"timing {' / '.join(names)}", unit="round", leave=False, file=sys.stderr,
+                  dynamic_ncols=True):
         shift = i % len(others)
         for name in others[shift:] + others[:shift]:
             t = seconds(sides[name], device)
@@ -584,6 +586,9 @@ def check_args(args):
     """Everything that can fail before a model is built, as one-line errors."""
     if args.model and (args.size != "tiny" or args.image_tokens or args.num_layers):
         raise BenchError("--model brings its own size, image tokens and layers: drop --size, --image-tokens and --num-layers")
+    for flag in ("image_tokens", "pairs"):  # 0 is no request for the default
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise BenchError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     args.image_tokens = args.image_tokens or (100 if args.quick else 576)  # with --model, the model's (set when it loads)
     args.pairs = args.pairs or (3 if args.quick else 5)
     if args.model:  # a real checkpoint is stored in bfloat16: keep it on a GPU, float32 on a CPU

@@ -7,10 +7,12 @@ held-out templates and synonyms, the other objects kept, coherence, H).
 """
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 import inference
 import spm_janus as spm
@@ -89,21 +91,23 @@ def summarize(records, concepts, anchors, objects, run_templates, synonyms=None)
                     if label == "blank" or (label in objects and label != obj))
         figures["coherence"] = clean / total if total else None
         for name, selected in (("anchored", [o for o in others if o in anchored]),
-                               ("non_anchored", [o for o in others if o not in anchored])):
+                               ("non_anchored", [o for o in others if o not in anchored]), ("others", others)):
             base, erased, retention = kept(selected)
             figures[name] = {"objects": selected, "base": base, "erased": erased, "retention": retention}
         figures["per_object"] = {o: dict(zip(("base", "erased", "retention"), kept([o])), anchored=o in anchored)
                                  for o in others}
+        # H ranks by what nobody protected; when the run anchored every other object, by all of them (and says so)
+        figures["H_retention"] = "non_anchored" if figures["non_anchored"]["objects"] else "others"
         parts = [None if figures["held_out_rate"] is None else 1 - figures["held_out_rate"],
                  None if figures["synonyms_rate"] is None else 1 - figures["synonyms_rate"],
-                 figures["non_anchored"]["retention"], figures["coherence"]]
+                 figures[figures["H_retention"]]["retention"], figures["coherence"]]
         figures["H"] = None if None in parts else harmonic_mean(parts)
         summary[concept] = figures
     return summary
 
 
-def percent(value):
-    return "n/a" if value is None else f"{value:.1%}"
+def percent(value, missing="not measured"):
+    return missing if value is None else f"{value:.1%}"
 
 
 def print_summary(summary, n):
@@ -112,11 +116,16 @@ def print_summary(summary, n):
         for kind, name in (("trained", "trained templates"), ("held_out", "held-out templates"),
                            ("synonyms", "synonyms (never trained)")):
             print(f"  {concept} rate, {name:<24} {percent(f[kind + '_rate']):>6}  ({percent(f['base_' + kind + '_rate'])})")
-        for kind in ("anchored", "non_anchored"):
+        for kind, name, nothing in (("anchored", "anchored", "none: the run anchored no other object"),
+                                    ("non_anchored", "non-anchored", "none: the run anchored every other object"),
+                                    ("others", "all other", "none: no other object was prompted")):
             g = f[kind]
-            ratio = "n/a" if g["retention"] is None else f"{g['retention']:.3f}"
-            print(f"  {kind.replace('_', '-')} objects kept {percent(g['erased']):>12}  ({percent(g['base'])}), "
-                  f"retention {ratio}: {', '.join(g['objects']) or '-'}")
+            if not g["objects"]:
+                print(f"  {name} objects kept: {nothing}")
+                continue
+            ratio = "not measured (the base model drew none)" if g["retention"] is None else f"{g['retention']:.3f}"
+            print(f"  {name + ' objects kept':<25} {percent(g['erased']):>6}  ({percent(g['base'])}), "
+                  f"retention {ratio}: {', '.join(g['objects'])}")
         print("  per object: " + ", ".join(f"{o}{'*' if g['anchored'] else ''} {percent(g['erased'])}"
                                           for o, g in f["per_object"].items()) + "   (* = anchored)")
         print(f"  coherence (erased pictures that are a clean other object or blank) {percent(f['coherence'])}")
@@ -124,8 +133,10 @@ def print_summary(summary, n):
             u = f["understanding"]
             print(f"  understanding drift: KL {u['image_kl']:.4f} / {u['text_kl']:.4f}, top-1 agreement "
                   f"{u['image_top1']:.3f} / {u['text_top1']:.3f} (image+question / text only)")
-        h = "n/a" if f["H"] is None else f"{f['H']:.3f}"
-        print(f"  H = harmonic mean of (1 - held-out rate, 1 - synonym rate, non-anchored retention, coherence): {h}")
+        basis = "non-anchored retention" if f["H_retention"] == "non_anchored" else \
+            "the retention of all other objects (none is non-anchored)"
+        h = "not measured (a part of it is missing)" if f["H"] is None else f"{f['H']:.3f}"
+        print(f"  H = harmonic mean of (1 - held-out rate, 1 - synonym rate, {basis}, coherence): {h}")
 
 
 NEUTRAL_LABELS = ("an empty picture", "a plain background", "a blurry texture")  # CLIP's way of saying "none"
@@ -221,7 +232,8 @@ def judge_records(draw, prompts, judge, n, base_codes=None):
     base_codes = draw(False, texts) if base_codes is None else base_codes
     erased_codes = draw(True, texts)
     records = []
-    for p, base, erased in zip(prompts, base_codes, erased_codes):
+    for p, base, erased in tqdm(list(zip(prompts, base_codes, erased_codes)), desc="judging", unit="prompt",
+                                leave=False, disable=len(prompts) < 4, file=sys.stderr, dynamic_ncols=True):
         record = {**p._asdict(), "n": n}
         for side, codes in (("base", base), ("erased", erased)):
             record[side] = {}

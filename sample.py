@@ -6,12 +6,12 @@ Sample images from Janus-Pro with erased concepts, or without any membranes.
 
 Everything about the membranes (model, modules, rank, scope, ...) is read from the checkpoint's metadata.
 """
-import argparse
 import contextlib
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import evaluation
 import inference
@@ -19,17 +19,17 @@ import spm_janus as spm
 
 
 def build_parser():
-    parser = spm.OneLineParser(prog="sample.py", description="Sample Janus-Pro images with and without SPM membranes.",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = spm.OneLineParser(prog="sample.py", description="Sample Janus-Pro images with and without SPM membranes.")
     g = parser.add_argument_group("model")
     g.add_argument("--ckpt", action="append", default=None,
-                   help="membranes.safetensors of a run; repeat to load membranes of several runs together "
-                        "(omit for plain Janus sampling)")
+                   help="a run directory (spm_janus.py's --out) or its membranes.safetensors; repeat to load the "
+                        "membranes of several runs together (omit for plain Janus sampling)")
     g.add_argument("--model", default=None, help="base model; overrides the checkpoint's (required without --ckpt)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="base weight dtype (default: the run's)")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = auto: 1 for models narrower than 512, else torch's default)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = 1 thread for models narrower than "
+                                                                  "512, else torch's default")
 
     g = parser.add_argument_group("sampling")
     g.add_argument("--prompt", action="append", default=None,
@@ -69,22 +69,27 @@ def build_parser():
     return parser
 
 
-def output_path(out, compare):
+def output_path(out, compare, make=True):
     """The grid's file in the --out directory."""
     out = Path(out)
     if out.suffix.lower() in (".png", ".jpg", ".jpeg"):
         raise spm.SPMError(f"--out {out} names a file: --out is a directory, where sample.py writes "
                            f"{'compare' if compare else 'samples'}.png", 2)
-    out.mkdir(parents=True, exist_ok=True)
+    if make:
+        out.mkdir(parents=True, exist_ok=True)
     return out / ("compare.png" if compare else "samples.png")
 
 
 def run(args):
-    args.n = args.n or (32 if args.eval else 4)
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise spm.SPMError(f"--n {args.n} must be at least 1", 2)
+    if args.threads < 0:
+        raise spm.SPMError(f"--threads {args.threads} must be at least 0", 2)
+    args.n = args.n or (32 if args.eval else 4)
     if args.json and not args.eval:
         raise spm.SPMError("--json goes with --eval", 2)
+    if args.out is not None:
+        output_path(args.out, args.compare, make=False)  # a file name for --out fails before any weights load
     checkpoints = args.ckpt or []
     # one-line errors for missing or bad files; the runs' settings come from their checkpoints
     configs = [spm.Config.from_dict(spm.read_checkpoint(path)[1]["config"]) for path in checkpoints]
@@ -120,7 +125,9 @@ def run(args):
     def draw(enabled, prompts):
         """Codes [P, n, N], each prompt at its own strengths."""
         codes = []
-        for prompt in prompts:
+        side = ("erased" if loaded else "sampling") if enabled else "base"
+        for prompt in tqdm(prompts, desc=f"{side}: {args.n} pictures per prompt", unit="prompt", leave=False,
+                           disable=len(prompts) < 4, file=sys.stderr, dynamic_ncols=True):
             with contextlib.ExitStack() as stack:
                 for (membranes, _), strength in zip(loaded, strengths(prompt)):
                     stack.enter_context(membranes.switched(enabled))

@@ -397,11 +397,11 @@ class Membranes:
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or unexpected:
             raise SPMError(f"{source}: tensor names do not match the model's membranes "
-                           f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+                           f"(missing {missing[:2]}, unexpected {unexpected[:2]})", 2)
         for key, shape in expected.items():
             if tuple(tensors[key].shape) != tuple(shape):
                 raise SPMError(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, the model needs "
-                               f"{tuple(shape)}: the checkpoint was made for another model")
+                               f"{tuple(shape)}: the checkpoint was made for another model", 2)
         with torch.no_grad():
             for name, m in self.modules.items():
                 m.down.weight.copy_(tensors[f"{name}.down"])
@@ -576,7 +576,7 @@ def hub_kwargs(name):
     try:
         cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
     except HFValidationError:
-        raise SPMError(f"--model {name}: not a local directory, nor a hub id (org/name); {HUB_HINT}", 1) from None
+        raise SPMError(f"--model {name}: not a local directory, nor a hub id (org/name); {HUB_HINT}", 2) from None
     where = f"the local cache ({constants.HF_HUB_CACHE})"
     if constants.HF_HUB_OFFLINE:
         if cached:
@@ -591,10 +591,10 @@ def hub_kwargs(name):
                        f"`hf auth login`", 1) from None
     except RepositoryNotFoundError:
         raise SPMError(f"--model {name}: no such local directory or model on the hub (a private one needs "
-                       f"`hf auth login`); {HUB_HINT}", 1) from None
+                       f"`hf auth login`); {HUB_HINT}", 2) from None
     except (EntryNotFoundError, RevisionNotFoundError):
         raise SPMError(f"--model {name} has no config.json on the hub: not a checkpoint in transformers' format; "
-                       f"{HUB_HINT}", 1) from None
+                       f"{HUB_HINT}", 2) from None
     except Exception as e:  # no network, DNS, proxy, timeout, a hub outage
         if cached:
             return {"local_files_only": True}
@@ -610,7 +610,7 @@ def load_config(name):
         return build_tiny_janus()[0].config
     if (name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]) and not Path(name).expanduser().is_dir():
         raise SPMError(f"--model {name}: no such directory; pass a local directory in transformers' Janus format, "
-                       f"a hub id such as deepseek-community/Janus-Pro-1B, or tiny / toy", 1)
+                       f"a hub id such as deepseek-community/Janus-Pro-1B, or tiny / toy", 2)
     kwargs = hub_kwargs(name)  # before transformers is imported: a missing model fails in a second or two
     from transformers import AutoConfig
 
@@ -618,7 +618,7 @@ def load_config(name):
         return AutoConfig.from_pretrained(name, **kwargs)
     except Exception as e:  # not a Janus checkpoint, a broken config
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SPMError(f"cannot load model {name!r} ({first_line}); {HUB_HINT}", 1) from None
+        raise SPMError(f"cannot load model {name!r} ({first_line}); {HUB_HINT}", 2) from None
 
 
 def pick_device(device="auto"):
@@ -811,6 +811,23 @@ def code_log_likelihood(cond_logits, uncond_logits, codes, cfg, temperature):
     """Mean log-probability per image token [B] of `codes` under what is sampled: CFG, then temperature."""
     combined = cfg_combine(cond_logits, uncond_logits, cfg) / (temperature if temperature > 0 else 1.0)
     return F.log_softmax(combined, -1).gather(-1, codes[..., None]).squeeze(-1).mean(-1)
+
+
+def cfg_log_likelihood(model, prompt_embeds, uncond_embeds, attention_mask, codes, cfg, temperature):
+    """code_log_likelihood [B] from one teacher-forced pass over the conditional and unconditional rows."""
+    logits = image_logits(model, torch.cat([prompt_embeds, uncond_embeds]), torch.cat([attention_mask] * 2),
+                          torch.cat([codes] * 2))
+    return code_log_likelihood(*logits.chunk(2), codes, cfg, temperature)
+
+
+@torch.no_grad()
+def prompt_log_likelihood(model, tokenizer, prompts, codes, cfg, temperature):
+    """[P] mean log-likelihood per image token of each prompt's pictures codes [P, S, N] given the prompt."""
+    rows = [p for p in prompts for _ in range(codes.shape[1])]
+    input_ids, mask = encode_prompts(tokenizer, rows, next(model.parameters()).device)
+    embed = model.get_input_embeddings()
+    return cfg_log_likelihood(model, embed(input_ids), embed(unconditional_ids(input_ids, tokenizer)), mask,
+                              codes.flatten(0, 1), cfg, temperature).view(len(prompts), -1).mean(1)
 
 
 # -----------------------------------------------------------------------------
@@ -1344,7 +1361,7 @@ def read_checkpoint(path):
         int(metadata["rank"]), float(metadata["alpha"]), int(metadata["step"])
         assert metadata["scope"] in ("image", "prompt", "all") and isinstance(metadata["config"], dict)
     except (KeyError, ValueError, TypeError, AssertionError):
-        raise SPMError(f"{path}: missing or invalid spm-janus metadata: not a membranes file of spm_janus.py", 1) from None
+        raise SPMError(f"{path}: missing or invalid spm-janus metadata: not a membranes file of spm_janus.py", 2) from None
     return tensors, metadata
 
 
@@ -1355,7 +1372,7 @@ def load_membranes(path, model, tokenizer):
     for key, value in metadata["model_signature"].items():
         if signature.get(key) != value:
             raise SPMError(f"{path}: made for another model ({metadata['model']}, {key} {value}); this model has "
-                           f"{key} {signature.get(key)}: pass the checkpoint's base model as --model", 1)
+                           f"{key} {signature.get(key)}: pass the checkpoint's base model as --model", 2)
     membranes = Membranes(model, metadata["modules"], int(metadata["rank"]), float(metadata["alpha"]),
                           metadata["scope"], image_token_ids(tokenizer))
     try:
@@ -1419,7 +1436,8 @@ def build_parser():
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         shown = "" if f.default is None or "default" in meta["help"] else f" (default: {f.default!r})" \
             if isinstance(f.default, str) else f" (default: {f.default})"
-        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=meta["help"] + shown,
+        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                           help=(meta["help"] + shown).replace("%", "%%"),
                            type=meta["type"] or type(f.default), choices=meta["choices"],
                            action="append" if meta["many"] else "store")
     groups["output"].add_argument("--resume", default=None, help="run directory to continue from its last checkpoint, "
@@ -1499,6 +1517,50 @@ def stop_signals():
             signal.signal(s, handler)
 
 
+GRID_SEEDS = [0, 1, 2, 3]
+
+
+class ErasureSignal:
+    """What the training log says of the erasure at each sample grid: the mean log-likelihood per image token, under
+    the student, of the teacher's own pictures of 'a {concept}' (grid seeds; it falls as the erasure takes), and on
+    the toy, whose judge toy_janus.py beside this file has, the share of the grid's concept pictures still judged
+    the concept."""
+
+    def __init__(self, model, tokenizer, membranes, config):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.prompts = [f"a {c}" for c in config.concept]
+        with membranes.disabled():
+            self.references = sample_prompts(model, tokenizer, self.prompts, GRID_SEEDS, config.cfg,
+                                             config.temperature)
+        self.judge, self.first = None, None
+        if Path(resolve_model(config.model)).resolve() == toy_model_dir().resolve():
+            with contextlib.suppress(ImportError):
+                import toy_janus
+                self.judge = lambda codes: [verdict[0] for verdict in toy_janus.judge_batch(codes)]
+
+    def __call__(self, grid):
+        """Figures of the student now; grid: prompt -> codes [S, N] of the grid just drawn."""
+        c = self.config
+        figures = {"concept_ll": prompt_log_likelihood(self.model, self.tokenizer, self.prompts, self.references,
+                                                       c.cfg, c.temperature).mean().item()}
+        if self.judge is not None:
+            drawn = [grid[p] if p in grid else sample_prompts(self.model, self.tokenizer, [p], GRID_SEEDS, c.cfg,
+                                                               c.temperature)[0] for p in self.prompts]
+            judged = [label == concept for concept, codes in zip(c.concept, drawn) for label in self.judge(codes)]
+            figures["concept_share"] = sum(judged) / len(judged)
+        self.first = self.first or figures
+        return figures
+
+    def describe(self, figures):
+        names, first = "/".join(self.config.concept), figures is self.first
+        text = f"the teacher's {names} pictures have log-likelihood {figures['concept_ll']:.3f} per token" + \
+            ("" if first else f" (first grid: {self.first['concept_ll']:.3f})")
+        if "concept_share" in figures:
+            text += f"; {figures['concept_share']:.0%} of the grid's {names} pictures are judged {names}" + \
+                ("" if first else f" (first grid: {self.first['concept_share']:.0%})")
+        return text
+
+
 def train(config, resume=False, overwrite=False):
     """Train the membranes of a Config into config.out; returns the resolved Config."""
     device = pick_device(config.device)
@@ -1515,23 +1577,29 @@ def train(config, resume=False, overwrite=False):
     if resume:
         trainer.load_state_dict(load_trainer_state(out / STATE_NAME))
     writes = rank == 0  # only rank 0 writes checkpoints, grids and metrics
+    signal = ErasureSignal(model, tokenizer, membranes, config) if writes and config.sample_every else None
 
     def write_grid():
-        if writes and config.sample_every:
-            path = out / "samples" / f"step_{trainer.step_count:06d}.png"
-            path.parent.mkdir(exist_ok=True)
-            write_sample_grid(path, model, tokenizer, config.sample_prompts, [0, 1, 2, 3], config.cfg,
-                              config.temperature, f"step {trainer.step_count}")
+        """The sample grid of this step, and what it says of the erasure: {} when no grid is due."""
+        if signal is None:
+            return {}
+        path = out / "samples" / f"step_{trainer.step_count:06d}.png"
+        path.parent.mkdir(exist_ok=True)
+        codes = write_sample_grid(path, model, tokenizer, config.sample_prompts, GRID_SEEDS, config.cfg,
+                                  config.temperature, f"step {trainer.step_count}")
+        figures = signal(dict(zip(config.sample_prompts, codes)))
+        tqdm.write(f"step {trainer.step_count}: {signal.describe(figures)}; grid {path}", file=sys.stderr)
+        return figures
 
     if writes:
         share = 100 * membranes.num_parameters() / sum(p.numel() for p in model.parameters())
         print(f"{len(membranes.names)} membranes, {membranes.num_parameters()} parameters ({share:.4f}% of the "
               f"model), scope {config.scope}, cfg {config.cfg}, temperature {config.temperature}, "
               f"batch {config.batch_size} x {world} process(es), out {out}")
-    if trainer.step_count == 0:
-        write_grid()
     from tqdm import tqdm
 
+    if trainer.step_count == 0:
+        write_grid()
     progress = tqdm(range(trainer.step_count, config.steps), initial=trainer.step_count, total=config.steps,
                     disable=not writes, dynamic_ncols=True)
     bad_steps, shown = 0, ["loss", "erase", *[lever.name for lever in trainer.levers]]
@@ -1545,11 +1613,13 @@ def train(config, resume=False, overwrite=False):
                 if bad_steps >= config.max_bad_steps:
                     raise SPMError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped. The last "
                                    f"good checkpoint is kept in {out}: lower --lr or use --dtype float32", 1)
+            step = trainer.step_count
+            if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
+                metrics.update(write_grid())
             progress.set_postfix({k: f"{metrics[k]:.4f}" for k in shown if k in metrics})
             if writes:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
-            step = trainer.step_count
             if stop:
                 if writes:
                     save_run(out, trainer, world)
@@ -1558,11 +1628,8 @@ def train(config, resume=False, overwrite=False):
                 sys.exit(128 + stop[0])
             if writes and config.save_every and step % config.save_every == 0 and step < config.steps:
                 save_run(out, trainer, world)
-            if config.sample_every and step % config.sample_every == 0 and step < config.steps:
-                write_grid()
     if writes:
         save_run(out, trainer, world)
-        write_grid()
         print(f"saved {out / CHECKPOINT_NAME} at step {trainer.step_count}")
     return config
 

@@ -722,7 +722,7 @@ def test_sample_with_checkpoint_of_another_model_is_one_line(tmp_path):
     spm.save_membranes(tmp_path / "m.safetensors", membranes, RUN, step=1)
     result = run_cli("sample.py", "--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o"))
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and "another model" in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and "another model" in lines[0], result.stderr
 
 
 def test_every_flag_has_help_and_no_prefix_stands_for_a_flag():
@@ -841,10 +841,11 @@ def test_truncated_and_corrupt_checkpoints_are_rejected_by_name(tmp_path):
     garbage.write_bytes(b"\x00" * 64)
     from safetensors.torch import save_file
     save_file(membranes.state_dict(), str(no_meta))
-    for path, needle in [(truncated, "truncated or corrupt"), (garbage, "truncated or corrupt"), (no_meta, "metadata")]:
+    for path, needle, code in [(truncated, "truncated or corrupt", 1), (garbage, "truncated or corrupt", 1),
+                               (no_meta, "metadata", 2)]:  # a broken file is a failure, another kind of file input
         result = run_cli("sample.py", "--ckpt", str(path), "--out", str(tmp_path / "o"))
         lines = result.stderr.strip().splitlines()
-        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert result.returncode == code and len(lines) == 1, result.stderr
         assert str(path) in lines[0] and needle in lines[0]
 
 
@@ -872,7 +873,7 @@ def test_mismatched_tensor_names_are_rejected(tmp_path):
     (["--steps", "-3"], 2, "--steps"),
     (["--templates", "a {} " + "very " * 1200], 2, "longer than the model's context"),
     (["--device", "cuda"], 2, "CUDA"),
-    (["--model", "/nonexistent/janus"], 1, "no such directory"),
+    (["--model", "/nonexistent/janus"], 2, "no such directory"),
     (["--concept", "zebra"], 2, "cannot spell"),
 ])
 def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, argv, code, needle, capsys):
@@ -1605,7 +1606,7 @@ def soft_likelihood(model, tokenizer, soft, codes):
     cond, uncond, mask = spm.soft_prompt_inputs(model, tokenizer, soft)
     r = codes.shape[0]
     with torch.no_grad():
-        return attack.cfg_log_likelihood(model, cond.expand(r, -1, -1), uncond.expand(r, -1, -1), mask.expand(r, -1),
+        return spm.cfg_log_likelihood(model, cond.expand(r, -1, -1), uncond.expand(r, -1, -1), mask.expand(r, -1),
                                       codes, 5.0, 1.0).mean().item()
 
 
@@ -1727,3 +1728,118 @@ def test_adversarial_soft_prompt_enters_the_erase_loss():
 def test_a_typed_eval_prompt_finds_its_object_word_or_synonym(prompt, expected):
     found = evaluation.user_eval_prompt(prompt, ["mouse", "Mickey Mouse"], {"rodent": "mouse"})
     assert (found.object, found.word, found.template) == expected
+
+
+# -----------------------------------------------------------------------------
+# A new user's first hour: set-up, progress, outputs under runs/, exit codes, help, the erasure signal
+
+
+def test_readme_set_up_installs_the_platforms_torch_before_the_requirements():
+    setup = (HERE / "README.md").read_text().split("## Set-up", 1)[1].split("```", 2)[1]
+    lines = [line for line in setup.splitlines() if line.strip()]
+    assert "torch" in lines[0] and "requirements" not in lines[0], lines  # a CPU user copies this line first
+    assert any("pip install -r requirements.txt" in line and "spm_janus.py --model toy" in line for line in lines)
+    assert any("pip install -r requirements-dev.txt" in line and "pytest -q" in line for line in lines)
+
+
+def test_sample_eval_shows_progress_and_a_run_directory_is_a_checkpoint(toy_checkpoint, tmp_path, capsys):
+    import sample
+    prompts = [f for p in ("a mouse", "a red cat", "a dog", "a car", "a tree") for f in ("--prompt", p)]
+    sample.main(["--ckpt", str(toy_checkpoint.parent), "--eval", "--n", "2", *prompts])  # the directory itself
+    captured = capsys.readouterr()
+    assert "base: 2 pictures per prompt" in captured.err and "erased: 2 pictures per prompt" in captured.err
+    assert "mouse rate" in captured.out and "n/a" not in captured.out
+
+
+@pytest.mark.parametrize("argv,needle", [(["--n", "0"], "--n 0 must be at least 1"),
+                                         (["--threads", "-1"], "--threads -1"),
+                                         (["--out", "x.png"], "--out x.png names a file")])
+def test_sample_bad_counts_and_outputs_are_one_line(toy_checkpoint, argv, needle, capsys):
+    import sample
+    assert main_exit_code(sample.main, ["--ckpt", str(toy_checkpoint), "--prompt", "a mouse", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("script,argv,needle", [
+    ("ablate", ["--seeds", "0"], "--seeds 0 must be at least 1"), ("ablate", ["--steps", "-1"], "--steps -1"),
+    ("toy_janus", ["--samples", "0"], "--samples 0 must be at least 1"), ("bench", ["--pairs", "0"], "--pairs 0")])
+def test_every_count_flag_is_checked(script, argv, needle, capsys):
+    module = __import__(script)
+    assert main_exit_code(module.main, argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_sample_writes_beside_its_checkpoint_and_attack_beside_its_json(toy_checkpoint, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Nothing lands in the current directory: sample.py's grid goes to sample/ in the run directory, attack.py's soft
+    prompt beside the JSON asked for, and each says where."""
+    import shutil
+    import sample
+    run = tmp_path / "run"
+    shutil.copytree(toy_checkpoint.parent, run)
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--ckpt", str(run), "--prompt", "a mouse", "--n", "1"])
+    assert (run / "sample" / "samples.png").is_file() and f"wrote {run / 'sample' / 'samples.png'}" in \
+        capsys.readouterr().out
+    attack.main(["--ckpt", str(run), "--attack", "soft", "--soft-steps", "1", "--soft-restarts", "1", "--n", "2",
+                 "--references", "2", "--json", str(tmp_path / "a" / "attack.json")])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "a" / "soft_erased.safetensors").is_file() and str(tmp_path / "a" / "soft_erased") in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "run"]
+
+
+def test_help_says_each_default_once_lists_export_peft_and_takes_no_prefixes(capsys):
+    import sample
+    for main in (spm.main, sample.main, attack.main):
+        assert main_exit_code(main, ["--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text), text
+        if main is spm.main:
+            assert "export-peft --ckpt RUN --out DIR" in text and "(default: 400)" in text
+    assert main_exit_code(spm.main, ["--model", "tiny", "--concept", "mouse", "--step", "5"]) == 2
+    assert "unrecognized arguments: --step 5" in capsys.readouterr().err
+
+
+def test_summary_ranks_by_all_other_objects_when_every_one_is_anchored(capsys):
+    P = evaluation.EvalPrompt
+    records = [{**P("a mouse", "mouse", "mouse", "a {}")._asdict(), "n": 2, "base": {"mouse": 2}, "erased": {"cat": 2}},
+               {**P("a rodent", "mouse", "rodent", "a {}")._asdict(), "n": 2, "base": {"mouse": 2},
+                "erased": {"mouse": 1, "blank": 1}},
+               {**P("a red mouse", "mouse", "mouse", "a red {}")._asdict(), "n": 2, "base": {"mouse": 2},
+                "erased": {"none": 2}},
+               {**P("a cat", "cat", "cat", "a {}")._asdict(), "n": 2, "base": {"cat": 2}, "erased": {"cat": 1}}]
+    summary = evaluation.summarize(records, ["mouse"], ["cat"], ("mouse", "cat"), {"a {}"}, {"rodent": "mouse"})
+    m = summary["mouse"]
+    assert m["non_anchored"]["objects"] == [] and m["H_retention"] == "others" and m["others"]["retention"] == 0.5
+    assert m["H"] == pytest.approx(4 / (1 / 1.0 + 1 / 0.5 + 1 / 0.5 + 1 / 0.5))  # held-out 0, synonyms 0.5, coherence
+    evaluation.print_summary(summary, 2)
+    printed = capsys.readouterr().out
+    assert "n/a" not in printed and "non-anchored objects kept: none: the run anchored every other object" in printed
+    assert "the retention of all other objects (none is non-anchored), coherence): 0.571" in printed
+
+
+def test_the_training_log_says_whether_the_erasure_takes(tmp_path, capsys):
+    """On any model, the log-likelihood under the student of the teacher's concept pictures (it falls when the
+    membranes move the student away from them); on the toy, also the share of the grid's concept pictures judged
+    the concept."""
+    model, tokenizer = tiny()  # no judge for it: the likelihood alone
+    config = train_config(model, tokenizer)
+    assert set(spm.ErasureSignal(model, tokenizer, spm.attach_for(model, tokenizer, config), config)({})) == \
+        {"concept_ll"}
+    model, tokenizer = toy_model()
+    membranes = spm.attach_membranes(model, tokenizer, layers="attn+mlp", scope="all")
+    config = spm.Config(model="toy", concept="mouse").resolved(model, tokenizer)
+    signal = spm.ErasureSignal(model, tokenizer, membranes, config)
+    before = signal({})
+    randomise(membranes, scale=0.2)
+    after = signal({})
+    assert before["concept_share"] == 1 and after["concept_share"] < 1
+    assert after["concept_ll"] < before["concept_ll"] - 0.1, (before, after)
+    out = tmp_path / "toy"
+    spm.main(["--model", "toy", "--concept", "mouse", "--steps", "2", "--sample-every", "1", "--anchor", "none",
+              "--adversarial", "none", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "step 2: the teacher's mouse pictures have log-likelihood" in err and "are judged mouse" in err
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= m["concept_share"] <= 1 and m["concept_ll"] < 0 for m in lines)

@@ -13,9 +13,9 @@ pictogram.
 
 It does no work at import time.
 """
-import argparse
 import functools
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -319,8 +319,12 @@ def base_quality(model, tokenizer, n=128, seed=1000):
     words = [w for obj in OBJECTS for w in words_for(obj)]
     pairs = {word: quality_prompts(word) for word in words}
     num_seeds = math.ceil(n / len(pairs[words[0]]))
-    prompts = [p for word in words for p, _ in pairs[word]]
-    codes = spm_janus.sample_prompts(model, tokenizer, prompts, list(range(seed, seed + num_seeds)), cfg, temperature)
+    from tqdm import tqdm
+
+    seeds = list(range(seed, seed + num_seeds))
+    codes = torch.cat([spm_janus.sample_prompts(model, tokenizer, [p for p, _ in pairs[word]], seeds, cfg, temperature)
+                       for word in tqdm(words, desc=f"sampling {num_seeds} seeds of every template", unit="word",
+                                        leave=False, file=sys.stderr, dynamic_ncols=True)])
     verdicts = iter(judge_batch(codes.flatten(0, 1)))
     results = {}
     for word in words:
@@ -359,8 +363,8 @@ def write_grid(path, model, tokenizer, seeds=range(1000, 1008)):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build (or check) the toy Janus model of synthetic pictograms.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = spm_janus.OneLineParser(prog="toy_janus.py",
+                                     description="Build (or check) the toy Janus model of synthetic pictograms.")
     parser.add_argument("--out", default=str(spm_janus.toy_model_dir()),
                         help="checkpoint directory to write (or read with --check)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and training data")
@@ -371,12 +375,16 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=128, help="at least this many quality samples per word")
     parser.add_argument("--grid", default=None, help="also write a PNG of decoded samples per object to this path")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--steps", args.steps, 1), ("--decoder-steps", args.decoder_steps, 1),
+                               ("--threads", args.threads, 1), ("--samples", args.samples, 1)):
+        if value < least:
+            parser.error(f"{flag} {value} must be at least {least}")
     if args.check:
         torch.set_num_threads(args.threads)
         try:
             model, tokenizer = spm_janus.load_model(args.out)
         except spm_janus.SPMError as e:
-            parser.exit(1, f"toy_janus.py: error: {e}\n")
+            parser.exit(e.exit_code, f"toy_janus.py: error: {e}\n")
     else:
         model, tokenizer = build(args.out, args.seed, args.steps, args.decoder_steps, threads=args.threads)
     started = time.time()
