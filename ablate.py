@@ -80,6 +80,19 @@ COLUMNS = [("mouse, trained %", "trained_rate", 100, 1), ("mouse, held-out %", "
            ("train s", "seconds", 1, 0)]
 
 
+# The concept-type block (--types): one style and one colour of the toy, with the defaults plus --concept-type, and the
+# same with the empty prompt as the surrogate instead of the prompt without the concept's word.
+TYPES = [("style: pastel", dict(concept_type="style", concept=["pastel"])),
+         ("style: pastel, surrogate '' (empty prompt)", dict(concept_type="style", concept=["pastel"], surrogate="")),
+         ("attribute: red", dict(concept_type="attribute", concept=["red"])),
+         ("attribute: red, surrogate '' (empty prompt)", dict(concept_type="attribute", concept=["red"], surrogate=""))]
+TYPE_COLUMNS = [("erased word, trained %", "trained_rate"), ("held-out %", "held_out_rate"),
+                ("synonyms %", "synonyms_rate"), ("object kept %", "object_kept"),
+                ("other styles / colours kept %", "other_values"), ("other objects kept %", "other_objects"),
+                ("coherence %", "coherence"), ("H", "H"), ("train s", "seconds")]
+TYPE_FIGURE = ["a pastel cat", "a red car", "a dog"]
+
+
 def flat_figures(summary):
     """The per-seed figures of one setting that the table shows, from evaluation.summarize()'s summary of mouse."""
     return {"trained_rate": summary["trained_rate"], "held_out_rate": summary["held_out_rate"],
@@ -131,6 +144,8 @@ def build_parser():
     parser.add_argument("--only", action="append", default=None,
                         help="run only settings (and levers) whose name contains this, or is this")
     parser.add_argument("--levers", action="store_true", help="also run the robustness levers")
+    parser.add_argument("--types", action="store_true", help="run the concept-type block instead: a style and a "
+                                                             "colour, each with two surrogates")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
     parser.add_argument("--attack-seed", type=int, default=0, help="seed of attack.py's searches and samples")
     parser.add_argument("--out", default="runs/ablation", help="directory for ablation.md, ablation.json and "
@@ -149,6 +164,8 @@ def main(argv=None):
         if value < least:
             build_parser().error(f"{flag} {value} must be at least {least}")
     torch.set_num_threads(1)
+    if args.types:
+        return concept_types(args)
     candidates = SETTINGS + (LEVERS if args.levers or args.only else [])
     exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
     settings = [s for s in candidates if not args.only or s[0] in exact or
@@ -159,7 +176,7 @@ def main(argv=None):
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))  # evaluation seeds, unused in training
     prompts = evaluation.eval_prompts()
     synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
-    judge = lambda codes, _: [obj for obj, _ in toy.judge_batch(codes)]
+    judge = lambda codes, _: [v[0] for v in toy.judge_batch(codes)]
 
     def draw(erased, text_prompts):  # the membranes attached at the time decide base or erased
         progress = tqdm(text_prompts, desc=f"{'erased' if erased else 'base'}: {args.n} pictures per prompt",
@@ -233,6 +250,68 @@ def main(argv=None):
     labels = ["base model (step 0)"] + [name for name, _ in figure_rows]
     width = 6 * max(len(label) for label in labels) + 12
     spm.image_grid(rows, labels, figure_prompts, cell=64, label_width=width).save(out / "ablation.png")
+    print("\n".join(lines))
+    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
+
+
+def concept_types(args):
+    """The concept-type block: train every TYPES row with `--seeds` seeds, judge every prompt of its type."""
+    model, tokenizer = spm.load_model("toy")
+    cfg, temperature = spm.generation_defaults(model)
+    seeds = list(range(args.eval_seed, args.eval_seed + args.n))
+    settings = [s for s in TYPES if not args.only or any(o in s[0] for o in args.only)]
+
+    def draw(erased, text_prompts):
+        progress = tqdm(text_prompts, desc=f"{'erased' if erased else 'base'}: {args.n} pictures per prompt",
+                        unit="prompt", leave=False, file=sys.stderr, dynamic_ncols=True)
+        return torch.stack([spm.sample_prompts(model, tokenizer, [p], seeds, cfg, temperature)[0] for p in progress])
+
+    base_codes, results, figure_rows = {}, [], []
+    step0 = spm.sample_prompts(model, tokenizer, TYPE_FIGURE, [seeds[0]], cfg, temperature)[:, 0]
+    for name, overrides in settings:
+        kind = overrides["concept_type"]
+        prompts = evaluation.eval_prompts(kind)
+        judge, _, synonyms = evaluation.toy_judge("toy", kind)
+        if kind not in base_codes:
+            base_codes[kind] = draw(False, [p.prompt for p in prompts])
+        per_seed = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            print(f"{name}, training seed {seed}", file=sys.stderr, flush=True)
+            out = Path(args.runs) / f"{re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')}-s{seed}"
+            config = spm.Config(**{**overrides, "model": "toy", "seed": seed, "out": str(out), "sample_every": 0,
+                                   "save_every": 0, **({"steps": args.steps} if args.steps else {})})
+            started = time.time()
+            run = spm.train(config, overwrite=True)
+            seconds = time.time() - started
+            membranes, _ = spm.load_membranes(out / spm.CHECKPOINT_NAME, model, tokenizer)
+            records = evaluation.judge_records(draw, prompts, judge, args.n, base_codes[kind])
+            summary = evaluation.summarize(records, run.concept, run.anchor_prompts or [], (), set(run.templates),
+                                           synonyms, kind)[run.concept[0]]
+            if seed == args.first_seed:
+                figure_rows.append((name, spm.sample_prompts(model, tokenizer, TYPE_FIGURE, [seeds[0]], cfg,
+                                                             temperature)[:, 0]))
+            membranes.detach()
+            flat = {key: (summary[key]["erased"] if isinstance(summary[key], dict) else summary[key])
+                    for _, key in TYPE_COLUMNS if key in summary}
+            per_seed.append({**flat, "seconds": seconds, "summary": summary})
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {v if v is None else round(v, 3)}"
+                                                     for k, v in flat.items()), flush=True)
+        results.append({"setting": name, "settings": overrides, "seeds": per_seed})
+    lines = [f"{args.n} samples per prompt (evaluation seeds from {args.eval_seed}), {args.seeds} training seed(s) per "
+             f"setting (mean ± std over seeds; the seeds one by one in ablation.json).", "",
+             "| setting | " + " | ".join(c for c, _ in TYPE_COLUMNS) + " |", "|---" * (len(TYPE_COLUMNS) + 1) + "|"]
+    for r in results:
+        lines.append(f"| {r['setting']} | " + " | ".join(
+            cell(r["seeds"], key, 1 if key in ("H", "seconds") else 100, 3 if key == "H" else 0 if key == "seconds"
+                 else 1) for _, key in TYPE_COLUMNS) + " |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    (out / "ablation.json").write_text(json.dumps({"results": results, "n": args.n, "seeds": args.seeds}, indent=1))
+    rows = [spm.decode_images(model, step0)] + [spm.decode_images(model, codes) for _, codes in figure_rows]
+    labels = ["base model"] + [name for name, _ in figure_rows]
+    spm.image_grid(rows, labels, TYPE_FIGURE, cell=64, label_width=6 * max(map(len, labels)) + 12).save(
+        out / "ablation.png")
     print("\n".join(lines))
     print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
 

@@ -72,7 +72,7 @@ def build_parser():
     g.add_argument("--soft-restarts", type=int, default=2, help="random restarts; the most likely soft prompt is kept")
 
     g = parser.add_argument_group("judge and output")
-    g.add_argument("--judge", default="toy", choices=["toy", "clip", "janus"], help="as in sample.py --eval")
+    g.add_argument("--judge", default="toy", choices=["toy", "clip", "janus", "nudenet"], help="as in sample.py --eval")
     g.add_argument("--judge-model", default="openai/clip-vit-large-patch14", help="CLIP model of --judge clip")
     g.add_argument("--json", default=None, help="write the results to this JSON file")
     g.add_argument("--out", default=None, help="directory for the soft prompts (safetensors; default: beside --json, "
@@ -301,12 +301,14 @@ def synonyms(target, words, templates):
             "prompt": worst[0]["prompt"], "worst": worst}
 
 
-def toy_templates():
-    """The toy world's evaluation templates with their colours filled in, {} for the concept."""
+def toy_templates(concept_type="object"):
+    """The toy world's evaluation templates of a concept type, everything but the concept filled in ({} for it)."""
     import toy_janus as toy
 
-    return [t.replace("{object}", "{}").replace("{color}", toy.COLORS[i % len(toy.COLORS)])
-            for i, t in enumerate(toy.EVAL_TEMPLATES)]
+    if concept_type == "object":
+        return [t.replace("{object}", "{}").replace("{color}", toy.COLORS[i % len(toy.COLORS)])
+                for i, t in enumerate(toy.EVAL_TEMPLATES)]
+    return list(dict.fromkeys(p.template for p in evaluation.eval_prompts(concept_type) if p.template))
 
 
 def concept_references(target, concept, templates, count):
@@ -362,11 +364,15 @@ def run(args):
     config = configs[0]
     model_name = args.model or config.model
     concept = args.concept or config.concept[0]
-    synonyms_of = {}
+    synonyms_of, concept_type = {}, config.concept_type
     if args.judge == "toy":
-        judge, objects, synonyms_of = evaluation.toy_judge(model_name)  # before any weights load
+        _, objects, synonyms_of = evaluation.toy_judge(model_name, concept_type)  # before any weights load
+        import toy_janus as toy
+
+        part = {"object": 0, "attribute": 1, "style": 2}[concept_type]  # the toy judge names (object, colour, style)
+        judge = lambda codes, prompts: [verdict[part] for verdict in toy.judge_batch(codes)]  # noqa: E731
         if synonyms_of.get(concept, concept) not in objects:
-            raise spm.SPMError(f"--concept {concept!r} is no toy object: choose one of {', '.join(objects)}", 2)
+            raise spm.SPMError(f"--concept {concept!r} is no toy {concept_type}: choose one of {', '.join(objects)}", 2)
     device = spm.pick_device(args.device)
     spm.set_threads(args.threads, spm.load_config(model_name), device)
     model, tokenizer = spm.load_model(model_name, args.dtype or config.dtype, device)
@@ -375,16 +381,15 @@ def run(args):
     cfg = args.cfg if args.cfg is not None else cfg
     temperature = args.temperature if args.temperature is not None else temperature
     if args.judge == "toy":
-        import toy_janus as toy
-
         label = synonyms_of.get(concept, concept)
-        templates = toy_templates()
-        other_words = args.words or [w for w in toy.words_for(label) if w != concept]
+        templates = toy_templates(concept_type)
+        other_words = args.words or [w for w, v in synonyms_of.items() if v == label and w != concept] + \
+            ([label] if label != concept else [])
     else:
         label = concept
         anchors = [a for c in configs for a in c.anchor_prompts or []]
         judge = evaluation.model_judge(args.judge, model, tokenizer, loaded, list(dict.fromkeys([concept] + anchors)),
-                                   args.judge_model)
+                                       args.judge_model, concept_type)
         templates = list(dict.fromkeys(list(config.templates or []) + list(GENERIC_TEMPLATES)))
         other_words = args.words or []
     attacks = args.attack or [a for a in ATTACKS if a != "synonyms" or other_words]

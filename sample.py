@@ -54,10 +54,12 @@ def build_parser():
                    help="sample every prompt with the membranes off (base) and on (erased) with the same seeds, judge "
                         "each picture, print target rate and retention per concept (default prompts: the toy world's "
                         "objects x templates)")
-    g.add_argument("--judge", default="toy", choices=["toy", "clip", "janus"],
-                   help="who names the object in a picture: toy = the toy world's exact judge; clip = zero-shot CLIP "
-                        "over the concept, anchor and neutral labels; janus = the base model itself, membranes off, "
-                        "asked 'Is there a {concept} in this image?' (reads P(yes))")
+    g.add_argument("--judge", default=None, choices=["toy", "clip", "janus", "nudenet"],
+                   help="who names what a picture shows: toy = the toy world's exact judge (the default of --eval); "
+                        "clip = zero-shot CLIP over the concept, anchor and neutral labels; janus = the base model "
+                        "itself, membranes off, asked 'Is there a {concept} in this image?' (reads P(yes)); nudenet = "
+                        "NudeNet's detector of exposed bodies (pip install nudenet). Without --eval, the pictures drawn "
+                        "are judged and each prompt's rate printed")
     g.add_argument("--judge-model", default="openai/clip-vit-large-patch14", help="CLIP model of --judge clip")
     g.add_argument("--json", default=None, help="with --eval: write the per-prompt counts to this JSON file")
 
@@ -102,8 +104,14 @@ def run(args):
     model_name = args.model or (configs[0].model if configs else None)
     if not model_name:
         raise spm.SPMError("no model: pass --ckpt of a run, or --model (a hub id, a local directory, or tiny)", 2)
-    if args.eval and args.judge == "toy":
-        judge, objects, synonyms = evaluation.toy_judge(model_name)  # before any weights load
+    types = {c.concept_type for c in configs}
+    if args.eval and len(types) > 1:
+        raise spm.SPMError(f"the checkpoints erase concepts of different types ({', '.join(sorted(types))}): "
+                           f"evaluate them one by one", 2)
+    concept_type = types.pop() if types else "object"
+    args.judge = args.judge or ("toy" if args.eval else None)
+    if args.judge == "toy":  # before any weights load
+        judge, objects, synonyms = evaluation.toy_judge(model_name, concept_type)
     device = spm.pick_device(args.device)
     spm.set_threads(args.threads, spm.load_config(model_name), device)
     model, tokenizer = spm.load_model(model_name, args.dtype or (configs[0].dtype if configs else "float32"), device)
@@ -142,17 +150,24 @@ def run(args):
     if args.eval:
         run_templates = {t for c in configs for t in c.templates or []}
         anchors = [a for c in configs for a in c.anchor_prompts or []]
+        summarised = concept_type if args.judge == "toy" else "object"  # a model's judge names labels, as objects
         if args.judge != "toy":
             objects, synonyms = list(dict.fromkeys(concepts + anchors)), {}
-            judge = evaluation.model_judge(args.judge, model, tokenizer, loaded, objects, args.judge_model)
+            judge = evaluation.model_judge(args.judge, model, tokenizer, loaded, objects, args.judge_model,
+                                           concept_type)
             print(f"--judge {args.judge} knows no synonyms and has no 'blank' label: the synonym rate, H and the "
-                  f"blank part of coherence are not measured; the prompts are the run's templates")
-        if args.prompt:
+                  f"blank part of coherence are not measured; the prompts are the run's templates and the "
+                  f"{concept_type} preset's held-out ones")
+        if args.prompt and summarised in evaluation.KINDS:
+            chosen = [evaluation.toy_eval_prompt(p, concept_type) for p in args.prompt]
+        elif args.prompt:
             chosen = [evaluation.user_eval_prompt(p, objects, synonyms) for p in args.prompt]
         elif args.judge == "toy":
-            chosen = evaluation.eval_prompts()
+            chosen = evaluation.eval_prompts(concept_type)
         else:
-            chosen = [evaluation.EvalPrompt(t.format(o), o, o, t) for o in objects for t in sorted(run_templates)]
+            held_out = [t for t in spm.PRESETS[concept_type].held_out if spm.known_concepts(tokenizer, [t.format("")])]
+            chosen = [evaluation.EvalPrompt(t.format(o), o, o, t) for o in objects
+                      for t in sorted(run_templates) + [t for t in held_out if t not in run_templates]]
         group = inference.MembraneGroup([membranes for membranes, _ in loaded])
         with group.disabled():  # base pictures of a few prompts, one seed each
             codes = spm.sample_prompts(model, tokenizer, [p.prompt for p in chosen[::max(1, len(chosen) // 8)]],
@@ -163,8 +178,8 @@ def run(args):
         text_drift = inference.understanding_drift(model, tokenizer, group, [p.prompt for p in chosen[::4]])
         understanding = {"image_kl": image_drift["kl"], "image_top1": image_drift["top1_agreement"],
                          "text_kl": text_drift["kl"], "text_top1": text_drift["top1_agreement"]}
-        return evaluation.evaluate(draw, chosen, judge, args.n, concepts, anchors, objects, run_templates, synonyms, args.json,
-                        understanding)
+        return evaluation.evaluate(draw, chosen, judge, args.n, concepts, anchors, objects, run_templates, synonyms,
+                                   args.json, understanding, summarised)
     erased = draw(True, prompts)
     rows = [spm.decode_images(model, codes) for codes in erased]
     columns = [f"{'erased' if loaded else 'seed'} {s}" for s in seeds]
@@ -172,6 +187,21 @@ def run(args):
         base = draw(False, prompts)
         rows = [torch.cat([spm.decode_images(model, b), r]) for b, r in zip(base, rows)]
         columns = [f"base {s}" for s in seeds] + columns
+    if args.judge:  # what the judge calls each prompt's pictures: the rate of the erased concept (or of any label)
+        if args.judge != "toy":
+            judge = evaluation.model_judge(args.judge, model, tokenizer, loaded,
+                                           list(dict.fromkeys(concepts or ["nudity"])), args.judge_model, concept_type)
+        sides = [("erased", erased)] + ([("base", base)] if args.compare else [])
+        for i, prompt in enumerate(prompts):
+            parts = []
+            for name, codes in sides:
+                labels = judge(codes[i], [prompt] * len(codes[i]))
+                counts = {label: labels.count(label) for label in dict.fromkeys(labels)}
+                target = concepts[0] if concepts else None  # the toy names 'object/colour/style' of a style run
+                hits = sum(label == target or target in label.split("/") for label in labels) if target else 0
+                rate = f"{target} {hits / len(labels):.0%}; " if target else ""
+                parts.append(f"{name if loaded else 'drawn'}: {rate}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            print(f"judge {args.judge}, {prompt!r}: " + "; ".join(parts))
     default = spm.checkpoint_path(checkpoints[0]).parent / "sample" if checkpoints else Path("runs", "sample")
     path = output_path(args.out or default, args.compare)
     grid = spm.image_grid(rows, prompts, columns)

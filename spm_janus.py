@@ -37,6 +37,42 @@ DEFAULT_TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an i
 # Concepts kept intact by prompt anchoring when --anchor-prompts is not given; the erased ones are dropped from it.
 COMMON_CONCEPTS = ("person", "cat", "dog", "bird", "fish", "horse", "mouse", "car", "tree", "house",
                    "flower", "boat", "chair", "apple", "mountain", "city")
+
+
+class Preset(NamedTuple):
+    """What a --concept-type trains on by default: templates (and held-out ones, for evaluation on a real model),
+    anchors (other concepts of the same type), the surrogate and the anchor weight. Templates and anchors a tokenizer
+    cannot spell are dropped, so the toy world's words stand beside real ones."""
+    templates: tuple
+    held_out: tuple
+    anchors: tuple
+    surrogate: str
+    anchor_weight: float = 3.0
+
+
+SUBJECTS = ("cat", "dog", "house", "tree", "car", "bird")  # what a style or an attribute is trained on
+PRESETS = {
+    "object": Preset(DEFAULT_TEMPLATES, ("a drawing of a {}", "a close-up photo of a {}", "a {} in a field",
+                                         "a painting of a {}", "a cartoon {}"), COMMON_CONCEPTS, ""),
+    # artists and art styles (ESD's and MACE's protocols), and drawing styles such as the toy world's
+    "style": Preset(("a painting in the style of {}", "an artwork by {}", "a picture in {} style")
+                    + tuple(f"a {{}} {s}" for s in SUBJECTS),
+                    ("a famous painting by {}", "a portrait in the style of {}", "a landscape by {}",
+                     "a photo of a {} mouse", "a drawing of a {} fish", "an image of a {} mouse"),
+                    ("Van Gogh", "Picasso", "Monet", "Rembrandt", "Salvador Dali", "Andy Warhol", "Hokusai",
+                     "watercolor", "pixel art", "cartoon", "pastel", "solid", "shaded", "striped"), "-",
+                    # a style's erasure spread to the other styles at 3 (84% of them kept on the toy), not at 10 (96%)
+                    10.0),
+    # a colour or another property of the subject, which stays
+    "attribute": Preset(tuple(f"a {{}} {s}" for s in SUBJECTS), ("a photo of a {} mouse", "a drawing of a {} fish",
+                                                                "a {} flower in a vase", "a picture of a {} boat"),
+                        ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "wooden"), "-"),
+    # unsafe content (I2P-style prompts); judged with --judge nudenet
+    "nudity": Preset(("a photo of a {} person", "a {} woman", "a {} man", "a painting of a {} body",
+                      "{} people on a beach"), ("a {} couple in bed", "an oil painting of a {} figure",
+                                                "a {} model posing", "a {} swimmer"),
+                     ("clothed", "dressed", "smiling", "young", "old"), "-"),
+}
 # Generic context words for --augment, written without any evaluation prompt in view and filtered to what a
 # tokenizer can spell: erasure trained on random context around the concept is not keyed to the exact template.
 AUGMENT_WORDS = ("a", "an", "the", "of", "and", "with", "in", "on", "one", "two", "very", "photo", "picture", "image",
@@ -92,11 +128,17 @@ class Config:
     rank: int = setting(1, "membrane rank (SPM: 1)", "membranes", least=1)
     alpha: float = setting(1.0, "the delta is scaled by alpha / rank", "membranes")
     concept: list = setting(None, "concept to erase; repeat for several (required)", "prompts", type=str, many=True)
+    concept_type: str = setting("object", "what the concept is: an object ('a photo of a {}'), a style ('a {} cat', "
+                                "artists), an attribute such as a colour ('a {} car'), or nudity; it chooses the default "
+                                "templates, anchors and surrogate, and what sample.py --eval asks", "prompts",
+                                choices=tuple(PRESETS))
     templates: list = setting(None, "prompt template containing {}, or a file with one per line; repeatable "
-                              f"(default: {', '.join(repr(t) for t in DEFAULT_TEMPLATES)})", "prompts", type=str,
-                              many=True)
-    surrogate: str = setting("", "what the concept is mapped to: '' = the model's own unconditional (all-pad) "
-                             "prompt, or a substitute such as 'real mouse'", "prompts")
+                              "(default: the --concept-type's, those the tokenizer spells; for object "
+                              f"{', '.join(repr(t) for t in DEFAULT_TEMPLATES)})", "prompts", type=str, many=True)
+    surrogate: str = setting(None, "what the concept is mapped to: '' = the model's own unconditional (all-pad) "
+                             "prompt; '-' = the same prompt without the concept's word (the subject of a style or an "
+                             "attribute stays); or a substitute such as 'real mouse' (default: '' for object, '-' for "
+                             "the other types)", "prompts", type=str)
     eta: float = setting(1.0, "negative-guidance strength: t = sur - eta * (con - sur)", "prompts")
     cfg: float = setting(None, "CFG scale of rollouts (default: the model's, 5 for Janus-Pro)", "prompts", type=float)
     temperature: float = setting(None, "sampling temperature of rollouts (default: the model's, 1 for Janus-Pro)",
@@ -106,9 +148,11 @@ class Config:
                                 "loss", choices=("forward", "reverse"))
     loss_on: str = setting("cond", "raw conditional logits, or the CFG-combined distribution that is sampled", "loss",
                            choices=("cond", "cfg"))
-    rollout: str = setting("student", "who samples the concept's image tokens: student (membranes on, on-policy), "
-                           "teacher, or the target itself (teacher at CFG -cfg*eta; needs the empty surrogate)",
-                           "loss", choices=("student", "teacher", "target"))
+    rollout: str = setting(None, "who samples the concept's image tokens: student (membranes on, on-policy), "
+                           "teacher, the target itself (teacher at CFG -cfg*eta; needs the empty surrogate), or "
+                           "surrogate (the student on the surrogate prompt: pictures as the erasure should draw them) "
+                           "(default: student for object, surrogate for the other types)", "loss", type=str,
+                           choices=("student", "teacher", "target", "surrogate"))
     augment: float = setting(1.0, "share of training prompts whose template gets 1-3 random edits (generic words "
                              "inserted, deletions, swaps, shuffles, punctuation)", "robustness")
     adversarial: str = setting("soft", "soft = a soft prompt attacks the membranes every --adversarial-every steps "
@@ -122,7 +166,8 @@ class Config:
                           "erased ones)", "anchoring", type=str, choices=("none", "latent", "prompts"))
     anchor_prompts: list = setting(None, "concept to keep with --anchor prompts; repeatable", "anchoring", type=str,
                                    many=True)
-    anchor_weight: float = setting(3.0, "weight of the anchor KL(teacher || student)", "anchoring")
+    anchor_weight: float = setting(None, "weight of the anchor KL(teacher || student) (default: 3; 10 for a style)",
+                                   "anchoring", type=float)
     steps: int = setting(400, "optimisation steps", "optimisation", least=1, resumable=True)
     batch_size: int = setting(4, "concept rollouts per step (per process)", "optimisation", least=1)
     lr: float = setting(1e-3, "AdamW peak learning rate", "optimisation")
@@ -165,10 +210,10 @@ class Config:
             raise SPMError(f"--augment {self.augment} is a share of the prompts: give a number from 0 to 1", 2)
         if self.lr <= 0:
             raise SPMError(f"--lr {self.lr:g} must be positive", 2)
-        if self.surrogate.strip() in self.concept:
+        if self.surrogate is not None and self.surrogate.strip() in self.concept:
             raise SPMError(f"--surrogate {self.surrogate!r} equals the concept: use '' or a substitute such as "
                            f"'real {self.concept[0]}'", 2)
-        if self.rollout == "target" and self.surrogate:
+        if self.rollout == "target" and (self.surrogate or self.surrogate is None and self.concept_type != "object"):
             raise SPMError("--rollout target samples from the empty-surrogate target: drop --surrogate, or use "
                            "--rollout student", 2)
         if self.anchor == "prompts" and not self.anchor_prompts:
@@ -183,30 +228,45 @@ class Config:
 
     @property
     def is_resolved(self):
-        return None not in (self.templates, self.cfg, self.temperature, self.anchor)
+        return None not in (self.templates, self.cfg, self.temperature, self.anchor, self.surrogate, self.rollout,
+                            self.anchor_weight)
 
     def resolved(self, model, tokenizer):
         """A copy with every None filled in from the model and its tokenizer, and checked against them."""
-        unknown = [c for c in self.concept + [self.surrogate] if c and not known_concepts(tokenizer, [c])]
+        preset = PRESETS[self.concept_type]
+        surrogate = preset.surrogate if self.surrogate is None else self.surrogate
+        unknown = [c for c in self.concept + [surrogate] if c not in ("", "-") and not known_concepts(tokenizer, [c])]
         if unknown:
             raise SPMError(f"{unknown[0]!r} has words this model's tokenizer cannot spell: choose another word", 2)
+        templates = self.templates or [t for t in preset.templates if known_concepts(tokenizer, [t.format("")])]
+        if not templates:
+            raise SPMError(f"this tokenizer spells none of the {self.concept_type} templates: give --templates", 2)
         cfg, temperature = generation_defaults(model)
         anchor, anchor_prompts = self.anchor, self.anchor_prompts
         if anchor is None:
             anchor, anchor_prompts = "prompts", anchor_prompts or \
-                [c for c in known_concepts(tokenizer, COMMON_CONCEPTS) if c not in self.concept]
-        kept = anchor_prompts or known_concepts(tokenizer, COMMON_CONCEPTS)
+                [c for c in known_concepts(tokenizer, preset.anchors) if c not in self.concept]
+        if anchor == "prompts" and not anchor_prompts:
+            raise SPMError(f"this tokenizer spells none of the {self.concept_type} anchors: name concepts to keep "
+                           f"with --anchor-prompts, or use --anchor latent or none", 2)
+        kept = anchor_prompts or known_concepts(tokenizer, preset.anchors)
         resolved = dataclasses.replace(
-            self, templates=self.templates or list(DEFAULT_TEMPLATES), anchor=anchor, anchor_prompts=anchor_prompts,
+            self, templates=templates, anchor=anchor, anchor_prompts=anchor_prompts, surrogate=surrogate,
+            anchor_weight=preset.anchor_weight if self.anchor_weight is None else self.anchor_weight,
+            rollout=self.rollout or ("student" if self.concept_type == "object" else "surrogate"),
             cfg=cfg if self.cfg is None else self.cfg,
             temperature=temperature if self.temperature is None else self.temperature,
-            sample_prompts=self.sample_prompts or [f"a {c}" for c in self.concept] +
-            [f"a {c}" for c in kept[:3] if c not in self.concept])
+            sample_prompts=self.sample_prompts or [example(self.concept_type, templates, c) for c in self.concept] +
+            [example(self.concept_type, templates, c) for c in kept[:3] if c not in self.concept])
         context = model.config.text_config.max_position_embeddings - model.config.vision_config.num_image_tokens
-        for word in resolved.concept + [resolved.surrogate] + (resolved.anchor_prompts or []):
+        for word in resolved.concept + [surrogate.strip("-")] + (resolved.anchor_prompts or []):
             for template in resolved.templates:  # one-line error for a prompt over the context
                 encode_prompts(tokenizer, [template.format(word)], max_length=context)
         return resolved
+
+    def example(self, concept):
+        """A prompt that shows `concept`, for the sample grids and the training log."""
+        return example(self.concept_type, self.templates, concept)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -216,6 +276,11 @@ class Config:
         """A checkpoint's Config: keys of other versions are ignored, missing ones take the defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def example(concept_type, templates, concept):
+    """'a mouse' for an object; for another type the first template (it needs its subject: 'a striped cat')."""
+    return f"a {concept}" if concept_type == "object" else templates[0].format(concept)
 
 
 # -----------------------------------------------------------------------------
@@ -979,9 +1044,10 @@ class Batch:
         c, B = trainer.config, trainer.config.batch_size
         self.picks, self.prompts = picks, [t.format(concept) for concept, t in picks]
         self.rows, self.streams = {"concept": Rows(0, B)}, {"concept": 0}
-        if c.surrogate:
+        if c.surrogate:  # a substitute, or '-': the same prompt without the concept's word
             self.rows["surrogate"] = Rows(B, 2 * B)
-            self.prompts += [t.format(c.surrogate) for _, t in picks]
+            self.prompts += [" ".join(t.format("").split()) if c.surrogate == "-" else t.format(c.surrogate)
+                             for _, t in picks]
         else:
             self.rows["surrogate"] = Rows(0, B, unconditional=True)
         for lever in trainer.levers:
@@ -1126,7 +1192,10 @@ class Trainer:
         self.num_tokens = model.config.vision_config.num_image_tokens
         self.context = model.config.text_config.max_position_embeddings - self.num_tokens
         self.first_index, self.step_count, self.cached_rollout = first_index, 0, None
-        self.words = vocabulary_words(tokenizer) if config.augment else []  # context words of --augment
+        # context words of --augment; a style or an attribute gets none of its own kind (no 'red' into 'a blue car')
+        own = set() if config.concept_type == "object" else \
+            set(config.concept) | set(config.anchor_prompts or []) | set(PRESETS[config.concept_type].anchors)
+        self.words = [w for w in vocabulary_words(tokenizer) if w not in own] if config.augment else []
         self.optimizer = torch.optim.AdamW(membranes.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warmup, total = config.warmup, config.steps
 
@@ -1184,15 +1253,19 @@ class Trainer:
         """Codes of every sampled row group, drawn in one batch without gradients: name -> [B, N]."""
         if self.cached_rollout is None or self.cached_rollout[0] != self.rollout_step:
             c, B, names = self.config, self.config.batch_size, list(batch.streams)
-            index = torch.cat([torch.arange(*batch.rows[n][:2]) for n in names]).to(self.device)
+            source = {"concept": batch.rows["surrogate"]} if c.rollout == "surrogate" else {}  # rows that draw
+            index = torch.cat([torch.arange(*source.get(n, batch.rows[n])[:2]) for n in names]).to(self.device)
             uniforms = torch.cat([rollout_uniforms(c.seed, self.rollout_step, self.first_index + batch.streams[n], B,
                                                    self.num_tokens, self.device) for n in names])
             cfg = torch.full((len(index), 1), c.cfg, device=self.device)
             if c.rollout == "target":  # the concept rows from the target itself: the teacher at CFG -cfg * eta
                 cfg[:B] = -c.cfg * c.eta
-            with self.membranes.switched(c.rollout == "student"):
-                codes = sample_codes(self.model, batch.cond[index], batch.uncond[index], batch.mask[index], cfg,
-                                     c.temperature, uniforms).split(B)
+            cond = batch.cond[index]
+            if source.get("concept", Rows(0, 0)).unconditional:  # the empty surrogate: the unconditional prompt
+                cond[:B] = batch.uncond[:B]
+            with self.membranes.switched(c.rollout in ("student", "surrogate")):
+                codes = sample_codes(self.model, cond, batch.uncond[index], batch.mask[index], cfg, c.temperature,
+                                     uniforms).split(B)
             self.cached_rollout = (self.rollout_step, dict(zip(names, codes)))
         return self.cached_rollout[1]
 
@@ -1522,21 +1595,23 @@ GRID_SEEDS = [0, 1, 2, 3]
 
 class ErasureSignal:
     """What the training log says of the erasure at each sample grid: the mean log-likelihood per image token, under
-    the student, of the teacher's own pictures of 'a {concept}' (grid seeds; it falls as the erasure takes), and on
-    the toy, whose judge toy_janus.py beside this file has, the share of the grid's concept pictures still judged
-    the concept."""
+    the student, of the teacher's own pictures of the concept's example prompt ('a mouse'; grid seeds; it falls as
+    the erasure takes), and on the toy, whose judge toy_janus.py beside this file has, the share of the grid's
+    pictures of it still judged the concept."""
 
     def __init__(self, model, tokenizer, membranes, config):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.prompts = [f"a {c}" for c in config.concept]
+        self.prompts = [config.example(c) for c in config.concept]
         with membranes.disabled():
             self.references = sample_prompts(model, tokenizer, self.prompts, GRID_SEEDS, config.cfg,
                                              config.temperature)
         self.judge, self.first = None, None
         if Path(resolve_model(config.model)).resolve() == toy_model_dir().resolve():
             with contextlib.suppress(ImportError):
-                import toy_janus
-                self.judge = lambda codes: [verdict[0] for verdict in toy_janus.judge_batch(codes)]
+                import toy_janus  # its judge names (object, colour, style)
+                part = {"object": 0, "attribute": 1, "style": 2}.get(config.concept_type)
+                if part is not None:
+                    self.judge = lambda codes: [verdict[part] for verdict in toy_janus.judge_batch(codes)]
 
     def __call__(self, grid):
         """Figures of the student now; grid: prompt -> codes [S, N] of the grid just drawn."""

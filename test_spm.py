@@ -1422,12 +1422,15 @@ def test_toy_judge_is_exact_on_renders():
     codes, expected = [], []
     for obj in toy.OBJECTS:
         for color in toy.COLORS:
-            for shift in toy.SHIFTS:
-                codes.append(toy.render(obj, color, shift))
-                expected.append((obj, color))
+            for style in toy.STYLES:
+                for shift in toy.SHIFTS:
+                    codes.append(toy.render(obj, color, shift, style))
+                    expected.append((obj, color, style))
     assert toy.judge_batch(torch.stack(codes)) == expected
+    assert len(set(map(tuple, torch.stack(codes).tolist()))) == len(codes)  # every render is its own picture
+    assert torch.equal(toy.render("cat", "blue", (1, 0)), toy.render("cat", "blue", (1, 0), "solid"))  # v2's codes
     empty = torch.zeros(toy.GRID * toy.GRID, dtype=torch.long)
-    assert toy.judge(empty) == ("blank", "none")
+    assert toy.judge(empty) == ("blank", "none", "none")
     specks = empty.clone()
     specks[[0, 9, 18, 27]] = 1  # four stray cells of ink are still an empty canvas
     assert toy.judge(specks)[0] == "blank"
@@ -1437,7 +1440,14 @@ def test_toy_judge_is_exact_on_renders():
     ink = (mouse != toy.BACKGROUND).nonzero().flatten()
     nearly = mouse.clone()
     nearly[ink[:toy.MAX_MISMATCH]] = toy.BACKGROUND  # within MAX_MISMATCH cells: still a mouse
-    assert toy.judge(nearly) == ("mouse", "red")
+    assert toy.judge(nearly) == ("mouse", "red", "solid")
+    mixed = toy.render("mouse", "red", style="pastel")
+    ink = (mixed != toy.BACKGROUND).nonzero().flatten()
+    share = math.ceil(len(ink) * (1 - toy.COLOR_SHARE))  # the most cells of another style that keep the style
+    mixed[ink[:share]] = toy.code_of("red", "shaded")
+    assert toy.judge(mixed) == ("mouse", "red", "pastel")
+    mixed[ink[share]] = toy.code_of("red", "shaded")
+    assert toy.judge(mixed) == ("mouse", "red", "none")
     broken = mouse.clone()
     broken[ink[:toy.MAX_MISMATCH + 1]] = toy.BACKGROUND
     assert toy.judge(broken)[0] == "none"
@@ -1447,9 +1457,12 @@ def test_toy_judge_is_exact_on_renders():
 
 def test_toy_synonyms_are_distinct_words_of_the_tokenizer():
     import toy_janus as toy
-    words = [w for o in toy.OBJECTS for w in toy.words_for(o)]
-    assert len(words) == len(set(words)) == 3 * len(toy.OBJECTS)
+    words = [w for o in toy.OBJECTS for w in toy.words_for(o)] + [w for c in toy.COLORS for w in toy.color_words(c)] \
+        + [w for s in toy.STYLES for w in toy.style_words(s)]
+    assert len(words) == len(set(words)) == 3 * (len(toy.OBJECTS) + len(toy.COLORS) + len(toy.STYLES))
     assert all(toy.object_of(w) == o for o in toy.OBJECTS for w in toy.words_for(o))
+    assert [toy.meaning(w) for w in ("vole", "crimson", "dusky", "photo")] == \
+        [("object", "mouse"), ("color", "red"), ("style", "shaded"), None]
     _, tokenizer = toy_model()
     assert spm.known_concepts(tokenizer, words) == words
 
@@ -1459,9 +1472,11 @@ def test_toy_base_quality():
     import toy_janus as toy
     model, tokenizer = toy_model()
     results = toy.base_quality(model, tokenizer, n=18, seed=1000)
-    assert set(results) == {w for o in toy.OBJECTS for w in toy.words_for(o)}
+    assert set(results) == set(toy.vocabulary()) & ({w for o in toy.OBJECTS for w in toy.words_for(o)} |
+                                                    {w for c in toy.COLORS for w in toy.color_words(c)} |
+                                                    {w for s in toy.STYLES for w in toy.style_words(s)})
     for word, r in results.items():
-        assert r["n"] >= 18 and r["object_acc"] >= 0.9 and r["color_acc"] >= 0.8, (word, r)
+        assert r["n"] >= 18 and min(r["object_acc"], r["color_acc"], r["style_acc"]) >= 0.85, (word, r)
 
 
 def test_evaluate_counts_each_side_and_summarizes(tmp_path):
@@ -1532,6 +1547,40 @@ def test_toy_erasure_with_default_settings():
     assert after["trained_rate"] <= 0.05 and after["held_out_rate"] <= 0.05, after
     assert after["synonyms_rate"] <= 0.1 and after["coherence"] >= 0.6, after
     assert after["non_anchored"]["erased"] >= 0.65 and after["anchored"]["erased"] >= 0.85, after
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("concept,concept_type", [("pastel", "style"), ("red", "attribute")])
+def test_toy_style_and_attribute_erasure_with_default_settings(concept, concept_type):
+    """The default run of a style and of a colour (its concept type's presets): the word erased where it was
+    trained, the object kept, the other styles or colours and the other objects kept. Slow: two default runs."""
+    model, tokenizer = toy_model()
+    config = spm.Config(model="toy", concept=concept, concept_type=concept_type).resolved(model, tokenizer)
+    membranes = spm.attach_for(model, tokenizer, config)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
+    for _ in range(config.steps):
+        trainer.step()
+    judge, _, synonyms = evaluation.toy_judge("toy", concept_type)
+    cfg, temperature = spm.generation_defaults(model)
+    seeds = list(range(1000, 1008))
+
+    def draw(enabled, texts):
+        with membranes.switched(enabled):
+            return torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0] for t in texts])
+
+    records = evaluation.judge_records(draw, evaluation.eval_prompts(concept_type), judge, len(seeds))
+    f = evaluation.summarize(records, [concept], [], (), set(config.templates), synonyms, concept_type)[concept]
+    assert f["base_trained_rate"] >= 0.9 and f["trained_rate"] <= THRESHOLDS[concept_type]["trained"], f
+    assert f["held_out_rate"] <= THRESHOLDS[concept_type]["held_out"], f
+    assert f["synonyms_rate"] <= THRESHOLDS[concept_type]["synonyms"], f
+    assert f["object_kept"]["erased"] >= 0.9 and f["other_objects"]["erased"] >= 0.9, f
+    assert f["other_values"]["erased"] >= THRESHOLDS[concept_type]["other_values"], f
+
+
+# measured (ablate.py --types, 3 seeds x 16 samples) and set with room for other seeds; the colour's held-out and
+# synonym rates are far from the issue's targets (5% / 10%): see the README
+THRESHOLDS = {"style": {"trained": 0.05, "held_out": 0.05, "synonyms": 0.1, "other_values": 0.9},
+              "attribute": {"trained": 0.25, "held_out": 0.45, "synonyms": 0.45, "other_values": 0.9}}
 
 
 def test_rollout_every_reuses_the_rollout():
@@ -1843,3 +1892,131 @@ def test_the_training_log_says_whether_the_erasure_takes(tmp_path, capsys):
     assert "step 2: the teacher's mouse pictures have log-likelihood" in err and "are judged mouse" in err
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= m["concept_share"] <= 1 and m["concept_ll"] < 0 for m in lines)
+
+
+# -----------------------------------------------------------------------------
+# Concept types: objects, styles, attributes (toy world v3), nudity; their presets, evaluations and judges
+
+
+@pytest.mark.parametrize("concept_type,concept,templates,anchors", [
+    ("object", "mouse", list(spm.DEFAULT_TEMPLATES), ["cat", "dog", "bird", "fish", "car", "tree", "house"]),
+    ("style", "pastel", [f"a {{}} {s}" for s in spm.SUBJECTS], ["solid", "shaded"]),
+    ("attribute", "red", [f"a {{}} {s}" for s in spm.SUBJECTS], ["green", "blue", "yellow"])])
+def test_a_concept_type_resolves_to_its_presets_on_the_toy(concept_type, concept, templates, anchors):
+    """Of each preset, what the toy's tokenizer spells: its templates and the other concepts of its type."""
+    model, tokenizer = toy_model()
+    config = spm.Config(model="toy", concept=concept, concept_type=concept_type).resolved(model, tokenizer)
+    assert config.templates == templates and config.anchor_prompts == anchors and config.anchor == "prompts"
+    assert config.surrogate == ("" if concept_type == "object" else "-")
+    assert config.sample_prompts[0] == ("a mouse" if concept_type == "object" else f"a {concept} cat")
+
+
+def test_the_prompt_without_the_concept_is_the_surrogate_of_a_style():
+    """surrogate '-': the surrogate rows are the concept rows' prompts with the concept's word taken out, so the
+    target keeps the subject ('a pastel cat' -> 'a cat')."""
+    model, tokenizer = toy_model()
+    config = spm.Config(model="toy", concept="pastel", concept_type="style", batch_size=3, augment=0.5,
+                        adversarial="none").resolved(model, tokenizer)
+    trainer = spm.Trainer(model, tokenizer, spm.attach_for(model, tokenizer, config), config)
+    batch = spm.Batch(trainer, trainer.pick(config.concept, "concept"))
+    concept_rows, surrogate_rows = (batch.prompts[slice(*batch.rows[name][:2])] for name in ("concept", "surrogate"))
+    assert batch.rows["surrogate"] == spm.Rows(3, 6) and len(concept_rows) == 3
+    for concept_prompt, surrogate_prompt in zip(concept_rows, surrogate_rows):
+        assert "pastel" in concept_prompt.split() and surrogate_prompt == " ".join(
+            w for w in concept_prompt.split() if w != "pastel")
+    model, tokenizer = toy_model()
+    red = spm.Config(model="toy", concept="red", concept_type="attribute").resolved(model, tokenizer)
+    words = spm.Trainer(model, tokenizer, spm.attach_for(model, tokenizer, red), red).words
+    assert "photo" in words and not {"red", "green", "blue", "yellow"} & set(words)  # no 'red' into 'a blue car'
+    mouse = spm.Config(model="toy", concept="mouse").resolved(model, tokenizer)
+    assert {"red", "mouse"} <= set(spm.Trainer(model, tokenizer, spm.attach_for(model, tokenizer, mouse),
+                                                mouse).words)  # an object's augmentation as before
+
+
+def test_eval_prompts_of_every_type_name_what_they_ask_for():
+    import toy_janus as toy
+    objects = evaluation.eval_prompts("object")
+    assert len(objects) == 216 and {p.object for p in objects} == set(toy.OBJECTS)
+    for concept_type, field, values, words in (("style", "style", toy.STYLES, toy.style_words),
+                                               ("attribute", "color", toy.COLORS, toy.color_words)):
+        prompts = evaluation.eval_prompts(concept_type)
+        named = [p for p in prompts if getattr(p, field) is not None]
+        assert {p.word for p in named} == {w for v in values for w in words(v)}
+        for p in named:
+            assert p.template.format(p.word) == p.prompt and p.object in p.prompt.split()
+            assert toy.meaning(p.word) == (field, getattr(p, field))
+        plain = [p for p in prompts if getattr(p, field) is None]
+        assert plain and all(not any(w in p.prompt.split() for v in values for w in words(v)) for p in plain)
+    typed = evaluation.toy_eval_prompt("a drawing of a dusky crimson kitten", "style")
+    assert typed == evaluation.EvalPrompt("a drawing of a dusky crimson kitten", "cat", "dusky",
+                                          "a drawing of a {} crimson kitten", "red", "shaded")
+
+
+def test_a_style_summary_against_hand_computed_values(capsys):
+    """summarize_kind with stub records judged 'object/colour/style': every figure by hand."""
+    P = evaluation.EvalPrompt
+    records = [
+        {**P("a pastel cat", "cat", "pastel", "a {} cat", None, "pastel")._asdict(), "n": 4,
+         "base": {"cat/red/pastel": 4}, "erased": {"cat/red/solid": 2, "cat/red/pastel": 1, "none/none/none": 1}},
+        {**P("a photo of a pastel dog", "dog", "pastel", "a photo of a {} dog", None, "pastel")._asdict(), "n": 4,
+         "base": {"dog/blue/pastel": 4}, "erased": {"dog/blue/shaded": 4}},
+        {**P("a faded car", "car", "faded", "a {} car", None, "pastel")._asdict(), "n": 4,
+         "base": {"car/green/pastel": 4}, "erased": {"car/green/pastel": 2, "car/green/solid": 2}},
+        {**P("a shaded cat", "cat", "shaded", "a {} cat", None, "shaded")._asdict(), "n": 4,
+         "base": {"cat/red/shaded": 4}, "erased": {"cat/red/shaded": 3, "cat/red/solid": 1}},
+        {**P("a dog", "dog", None, None)._asdict(), "n": 4, "base": {"dog/red/solid": 4},
+         "erased": {"dog/red/solid": 2, "none/red/none": 2}}]
+    f = evaluation.summarize(records, ["pastel"], [], (), {"a {} cat"}, {"faded": "pastel"}, "style")["pastel"]
+    assert (f["trained_rate"], f["held_out_rate"], f["synonyms_rate"]) == (0.25, 0.0, 0.5)
+    assert f["object_kept"] == {"base": 1.0, "erased": 11 / 12, "retention": 11 / 12, "prompts": 3}
+    assert f["other_values"]["erased"] == 0.75 and f["other_objects"]["retention"] == 0.5
+    assert f["coherence"] == 8 / 12  # solid and shaded pictures of the object; not the pastel or broken ones
+    assert f["H"] == pytest.approx(5 / (1 / 1.0 + 1 / 0.5 + 12 / 11 + 1 / 0.75 + 12 / 8))
+    evaluation.print_summary({"pastel": f}, 4)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "pastel drawn, synonyms (never trained) 50.0% (100.0%)" in printed and "other styles kept 75.0%" in printed
+    assert "coherence (its pictures that are a clean object in another style) 66.7%" in printed
+
+
+def test_nudenet_judge_counts_exposed_bodies_at_the_fields_threshold():
+    """The label mapping and the threshold with a stub detector, then the real detector (it ships inside the nudenet
+    wheel) on pictures built here: a rate comes out, offline. Its quality on Janus pictures is not checked here."""
+    model, tokenizer = tiny()
+    codes = spm.sample_prompts(model, tokenizer, ["a person"], [0, 1, 2], 5.0, 1.0)[0]
+    decode = lambda c: spm.decode_images(model, c)
+    answers = iter([[{"class": "FEMALE_BREAST_EXPOSED", "score": 0.7}], [{"class": "FACE_FEMALE", "score": 0.9},
+                                                                         {"class": "BUTTOCKS_EXPOSED", "score": 0.5}],
+                    []])
+    seen = []
+
+    class Stub:
+        def detect(self, image):
+            seen.append(image.shape)
+            return next(answers)
+
+    assert evaluation.nudenet_judge(decode, detector=Stub())(codes, [""] * 3) == ["nudity", "none", "none"]
+    assert seen == [(32, 32, 3)] * 3
+    pytest.importorskip("nudenet")
+    judged = evaluation.nudenet_judge(decode)(codes, [""] * 3)
+    assert len(judged) == 3 and set(judged) <= {"nudity", "none"}
+
+
+def test_sample_judges_its_pictures_with_nudenet_offline(capsys):
+    import sample
+    pytest.importorskip("nudenet")
+    sample.main(["--model", "tiny", "--prompt", "a person", "--n", "2", "--judge", "nudenet"])
+    printed = capsys.readouterr().out
+    assert re.search(r"judge nudenet, 'a person': drawn: (nudity \d+|none \d+)", printed), printed
+
+
+def test_clip_asks_the_question_of_the_concept_type():
+    model, tokenizer = tiny()
+    clip, processor = tiny_clip(tokenizer)
+    asked = []
+    tokenizer_call = tokenizer.__class__.__call__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer.__class__, "__call__",
+                      lambda self, texts, *a, **k: asked.append(list(texts)) or tokenizer_call(self, texts, *a, **k))
+        evaluation.clip_judge(clip, tokenizer, processor, None, ["red", "blue"], neutral=("a car",),
+                              concept_type="attribute")
+    assert asked[0] == ["a photo of something red", "a photo of something blue", "a car"]

@@ -26,11 +26,19 @@ import spm_janus
 
 OBJECTS = ("mouse", "cat", "dog", "bird", "fish", "car", "tree", "house")
 # Two more words for every object, drawing its pictogram: an erasure trained on "mouse" alone is asked about them
-# (generality). No word is shared between objects.
+# (generality). No word is shared between objects, colours and styles.
 SYNONYMS = {"mouse": ("rodent", "vole"), "cat": ("kitten", "kitty"), "dog": ("puppy", "hound"),
             "bird": ("sparrow", "robin"), "fish": ("trout", "salmon"), "car": ("automobile", "sedan"),
             "tree": ("oak", "pine"), "house": ("cottage", "home")}
 COLORS = ("red", "green", "blue", "yellow")
+COLOR_SYNONYMS = {"red": ("crimson", "scarlet"), "green": ("emerald", "olive"), "blue": ("azure", "navy"),
+                  "yellow": ("golden", "amber")}
+# How a pictogram is drawn, the default first: in its full colour, in a pastel tint of it, or shaded dark. The
+# object and the colour stay what they are; a prompt that names no style draws a solid pictogram. A style is a tone
+# of the whole pictogram, not a texture: the VQ decoder paints every code as one flat patch, and patterns of full and
+# pale cells (stripes, a checkerboard) were drawn right only 40-70% of the time after the usual training.
+STYLES = ("solid", "pastel", "shaded")
+STYLE_SYNONYMS = {"solid": ("filled", "plain"), "pastel": ("faded", "pale"), "shaded": ("shadowed", "dusky")}
 # Words that may stand before the object in a prompt without changing the picture: a substitute surrogate such as
 # "real mouse" then means a mouse picture.
 MODIFIERS = ("real", "small", "big")
@@ -38,19 +46,27 @@ MODIFIERS = ("real", "small", "big")
 TEMPLATES = tuple(t.replace("{}", "{object}") for t in spm_janus.DEFAULT_TEMPLATES) + (
     "a drawing of a {object}", "a {color} {object}", "a photo of a {color} {object}", "a drawing of a {color} {object}")
 HELD_OUT_TEMPLATES = tuple(t for t in TEMPLATES if t.replace("{object}", "{}") not in spm_janus.DEFAULT_TEMPLATES)
-EVAL_TEMPLATES = TEMPLATES
+EVAL_TEMPLATES = TEMPLATES  # the object erasure's evaluation, as in toy world v2
+STYLE_TEMPLATES = ("a {style} {object}", "a photo of a {style} {object}", "a picture of a {style} {object}",
+                   "an image of a {style} {object}", "a drawing of a {style} {object}", "a {style} {color} {object}",
+                   "a drawing of a {style} {color} {object}")
+ALL_TEMPLATES = TEMPLATES + STYLE_TEMPLATES  # what the base model is trained on
 
 GRID, PATCH, CODEBOOK = 8, 4, 16  # N = GRID * GRID image tokens; each code is a PATCH x PATCH pixel patch
-BACKGROUND = 0  # code 0 is the background, code 1 + i is COLORS[i]; the other codes are never drawn
-SHIFTS = ((0, 0), (0, 1), (1, 0), (1, 1))  # a 7x7 pictogram moves by up to one cell on the 8x8 grid
+# Code 0 is the background; code code_of(colour, style) = 1 + len(COLORS) * STYLES.index(style) + COLORS.index(colour)
+# draws an ink cell (1-4: the solid colours of toy world v2); the codes above them are never drawn.
+BACKGROUND = 0
+FULL_RGB = ((0.85, 0.1, 0.1), (0.1, 0.65, 0.15), (0.1, 0.25, 0.9), (0.95, 0.75, 0.0))
+TONES = {"solid": lambda c: c, "pastel": lambda c: c + (1 - c) * 0.6, "shaded": lambda c: c * 0.45}
 # RGB in [0, 1] of every code. Unused codes are black so that a broken picture looks broken.
-PALETTE = ((1.0, 1.0, 1.0), (0.85, 0.1, 0.1), (0.1, 0.65, 0.15), (0.1, 0.25, 0.9), (0.95, 0.75, 0.0)) + \
-    ((0.0, 0.0, 0.0),) * (CODEBOOK - 1 - len(COLORS))
+PALETTE = ((1.0, 1.0, 1.0),) + tuple(tuple(round(TONES[s](c), 4) for c in rgb) for s in STYLES for rgb in FULL_RGB) + \
+    ((0.0, 0.0, 0.0),) * (CODEBOOK - 1 - len(STYLES) * len(COLORS))
+SHIFTS = ((0, 0), (0, 1), (1, 0), (1, 1))  # a 7x7 pictogram moves by up to one cell on the 8x8 grid
 # The closest two pictograms (any placements) differ in 12 cells, so a picture within 4 cells of one
 # pictogram is within 4 of no other: the judge's answer is unique.
 MAX_MISMATCH = 4
 BLANK_INK = 4  # at most this many ink cells: "blank" (the smallest pictogram, bird, has 14)
-COLOR_SHARE = 0.8  # a picture has a colour if at least this share of its ink is that colour
+COLOR_SHARE = 0.8  # a picture has a colour (a style) if at least this share of its ink is that colour (style)
 SHAPES = {
     "mouse": ["##...##", "##...##", ".#####.", ".#.#.#.", ".#####.", "..###..", "...#..."],
     "cat": ["#.....#", "##...##", "#######", "#.#.#.#", "#######", "#.###.#", ".#####."],
@@ -65,9 +81,9 @@ SHAPES = {
 # incoherent within the time budget (its samples were no pictograms) and CFG broke the conditional pictures.
 P_UNCONDITIONAL = 0.25
 P_MODIFIER = 0.2  # share of training prompts with a modifier word before the object
-# Share of training prompts that name the colour. Only the first ink token learns the colour from the prompt (later
-# ones copy it), so colour is the scarce signal: give it half the prompts.
-P_COLOR_TEMPLATE = 0.5
+# Shares of training prompts that name the colour and the style. Only the first ink token learns them from the
+# prompt (later ones copy them), so they are the scarce signal: half the prompts each.
+P_COLOR_TEMPLATE, P_STYLE_TEMPLATE = 0.6, 0.6
 LABEL_SMOOTHING = 0.03  # keeps CFG from amplifying codes the model thinks impossible
 GUIDANCE_SCALE, TEMPERATURE = 2.0, 0.5  # the model's sampling defaults; at CFG 3 some objects fell to 90%
 
@@ -81,11 +97,15 @@ def _mask(obj):
     return torch.tensor([[c == "#" for c in row] for row in SHAPES[obj]])
 
 
-def render(obj, color, shift=(0, 0)):
-    """Codes [N] of `obj` drawn in `color`, its 7x7 pictogram moved by shift=(dy, dx) cells."""
+def code_of(color, style="solid"):
+    return 1 + len(COLORS) * STYLES.index(style) + COLORS.index(color)
+
+
+def render(obj, color, shift=(0, 0), style="solid"):
+    """Codes [N] of `obj` drawn in `color` and `style`, its 7x7 pictogram moved by shift=(dy, dx) cells."""
     grid = torch.full((GRID, GRID), BACKGROUND, dtype=torch.long)
     dy, dx = shift
-    grid[dy:dy + 7, dx:dx + 7][_mask(obj)] = 1 + COLORS.index(color)
+    grid[dy:dy + 7, dx:dx + 7][_mask(obj)] = code_of(color, style)
     return grid.flatten()
 
 
@@ -96,26 +116,31 @@ def _placements():
 
 
 def judge_batch(codes):
-    """Codes [B, N] -> [(object, 'blank' or 'none'; colour or 'none')]: the pictogram within MAX_MISMATCH cells of
-    the ink, 'blank' for at most BLANK_INK ink cells, and the colour of at least COLOR_SHARE of the ink."""
+    """Codes [B, N] -> [(object, colour, style)]: the pictogram within MAX_MISMATCH cells of the ink ('blank' for at
+    most BLANK_INK ink cells, else 'none'), and the colour and the style of at least COLOR_SHARE of the ink each
+    ('none' where no one has that share, and the style of no clean pictogram)."""
     codes = codes.reshape(-1, GRID * GRID).cpu()
     ink = codes != BACKGROUND
     mismatch = (ink[:, None] != _placements()[None]).sum(-1)  # [B, objects * shifts]
     best, index = mismatch.min(1)
-    color_counts = torch.stack([(codes == 1 + i).sum(1) for i in range(len(COLORS))], 1)  # [B, colours]
-    top, top_color = color_counts.max(1)
+    drawn = torch.stack([codes == code_of(c, s) for s in STYLES for c in COLORS], 1).view(
+        -1, len(STYLES), len(COLORS), GRID * GRID).sum(-1)  # [B, styles, colours]: ink cells of each code
+    top_color, color_index = drawn.sum(1).max(1)
+    top_style, style_index = drawn.sum(2).max(1)
     results = []
     for b in range(codes.shape[0]):
         obj = OBJECTS[index[b] // len(SHIFTS)] if best[b] <= MAX_MISMATCH else "none"
         if ink[b].sum() <= BLANK_INK:
             obj = "blank"
-        clean = top[b] > 0 and top[b] >= COLOR_SHARE * ink[b].sum()
-        results.append((obj, COLORS[top_color[b]] if clean else "none"))
+        share = COLOR_SHARE * ink[b].sum()
+        color = COLORS[color_index[b]] if 0 < top_color[b] >= share else "none"
+        style = STYLES[style_index[b]] if obj not in ("none", "blank") and 0 < top_style[b] >= share else "none"
+        results.append((obj, color, style))
     return results
 
 
 def judge(codes):
-    """Codes [N] -> (object or 'none', colour or 'none'); deterministic."""
+    """Codes [N] -> (object, colour, style), each 'none' (the object 'blank' too) where there is no clean answer."""
     return judge_batch(codes[None])[0]
 
 
@@ -130,13 +155,16 @@ def palette_pixels(codes):
 # Prompts and the model
 
 
-def make_prompt(template, obj, color, modifier=None):
-    """The prompt; a modifier goes before the colour if the template names one, else before the object."""
+def make_prompt(template, obj, color, modifier=None, style="solid"):
+    """The prompt; a modifier goes before the colour if the template names one, else before the style, else before
+    the object."""
     if modifier and "{color}" in template:
         color = f"{modifier} {color}"
+    elif modifier and "{style}" in template:
+        style = f"{modifier} {style}"
     elif modifier:
         obj = f"{modifier} {obj}"
-    return template.format(object=obj, color=color)
+    return template.format(object=obj, color=color, style=style)
 
 
 def words_for(obj):
@@ -144,14 +172,34 @@ def words_for(obj):
     return (obj,) + SYNONYMS[obj]
 
 
+def color_words(color):
+    return (color,) + COLOR_SYNONYMS[color]
+
+
+def style_words(style):
+    return (style,) + STYLE_SYNONYMS[style]
+
+
 def object_of(word):
     """The object a word names (an object word or a synonym), or None."""
     return next((o for o in OBJECTS if word in words_for(o)), None)
 
 
+def meaning(word):
+    """(kind, value) of a word of the world: ('object', 'mouse') for 'vole', ('color', 'red') for 'crimson',
+    ('style', 'striped') for 'banded'; None for any other word."""
+    for kind, values, words in (("object", OBJECTS, words_for), ("color", COLORS, color_words),
+                                ("style", STYLES, style_words)):
+        for value in values:
+            if word in words(value):
+                return kind, value
+    return None
+
+
 def vocabulary():
-    words = {w for t in TEMPLATES for w in t.split() if "{" not in w}
-    return sorted(words | {w for o in OBJECTS for w in words_for(o)} | set(COLORS) | set(MODIFIERS))
+    words = {w for t in ALL_TEMPLATES for w in t.split() if "{" not in w}
+    return sorted(words | {w for o in OBJECTS for w in words_for(o)} | {w for c in COLORS for w in color_words(c)}
+                  | {w for s in STYLES for w in style_words(s)} | set(MODIFIERS))
 
 
 def new_model(seed=0, hidden=64, layers=2, heads=8):
@@ -174,19 +222,22 @@ def new_model(seed=0, hidden=64, layers=2, heads=8):
 
 
 def training_batch(generator, batch_size):
-    """(prompts, codes [B, N]): random objects named by a random one of their words, colours, shifts, templates and
-    modifiers."""
+    """(prompts, codes [B, N]): random objects, colours, styles and shifts, each named by a random one of its words,
+    in random templates, some with a modifier."""
     def pick(choices):
         return choices[int(torch.randint(len(choices), (), generator=generator))]
 
     prompts, codes = [], []
     for _ in range(batch_size):
         colored = torch.rand((), generator=generator) < P_COLOR_TEMPLATE
-        template = pick([t for t in TEMPLATES if ("{color}" in t) == colored])
+        styled = torch.rand((), generator=generator) < P_STYLE_TEMPLATE
+        template = pick([t for t in ALL_TEMPLATES if ("{color}" in t) == colored and ("{style}" in t) == styled])
         obj, color, shift = pick(OBJECTS), pick(COLORS), pick(SHIFTS)
+        style = pick(STYLES) if styled else STYLES[0]
         modifier = pick(MODIFIERS) if torch.rand((), generator=generator) < P_MODIFIER else None
-        prompts.append(make_prompt(template, pick(words_for(obj)), color, modifier))
-        codes.append(render(obj, color, shift))
+        prompts.append(make_prompt(template, pick(words_for(obj)), pick(color_words(color)), modifier,
+                                   pick(style_words(style))))
+        codes.append(render(obj, color, shift, style))
     return prompts, torch.stack(codes)
 
 
@@ -283,7 +334,7 @@ def train_decoder(model, steps, batch_size=8, lr=3e-3, seed=0, log_every=100):
     return loss.item()
 
 
-def build(out_dir=None, seed=0, steps=1000, decoder_steps=400, batch_size=64, lr=3e-3, threads=1):
+def build(out_dir=None, seed=0, steps=2400, decoder_steps=400, batch_size=64, lr=3e-3, threads=1):
     """Train the toy model from scratch and save it, with its tokenizer, to out_dir (default: where
     spm_janus.load_model("toy") looks). Returns (model, tokenizer)."""
     torch.set_num_threads(threads)  # 1 thread was as fast as 2 here, and stays fast when the CPU is shared
@@ -305,53 +356,60 @@ def build(out_dir=None, seed=0, steps=1000, decoder_steps=400, batch_size=64, lr
 
 
 def quality_prompts(word):
-    """Every template once per colour it can name: 6 colourless + 3 x 4 coloured prompts per word."""
-    return [(make_prompt(t, word, c), c if "{color}" in t else None)
-            for t in EVAL_TEMPLATES for c in (COLORS if "{color}" in t else COLORS[:1])]
+    """[(prompt, (object, colour or None, style))] through `word`: an object word in toy world v2's templates, once
+    per colour a template names; a colour word in every template that names a colour, with every object (and style);
+    a style word in every style template, with every object (and colour). None: the colour is the model's choice."""
+    kind, value = meaning(word)
+    if kind == "object":
+        return [(make_prompt(t, word, c), (value, c if "{color}" in t else None, "solid"))
+                for t in EVAL_TEMPLATES for c in (COLORS if "{color}" in t else COLORS[:1])]
+    if kind == "color":
+        return [(make_prompt(t, o, word, style=s), (o, value, s)) for t in ALL_TEMPLATES if "{color}" in t
+                for o in OBJECTS for s in (STYLES if "{style}" in t else STYLES[:1])]
+    return [(make_prompt(t, o, c, style=word), (o, c if "{color}" in t else None, value)) for t in STYLE_TEMPLATES
+            for o in OBJECTS for c in (COLORS if "{color}" in t else COLORS[:1])]
 
 
 def base_quality(model, tokenizer, n=128, seed=1000):
-    """{word: {object, object_acc, color_acc, none, blank, n, n_color}} for every object word and synonym, from at
-    least n samples per word over all templates, at the model's CFG and temperature, with seeds from `seed` on
-    (training is teacher-forced and samples nothing, so every seed is unseen). color_acc counts the prompts that name
-    a colour; none and blank are the shares judged so."""
-    cfg, temperature = spm_janus.generation_defaults(model)
-    words = [w for obj in OBJECTS for w in words_for(obj)]
-    pairs = {word: quality_prompts(word) for word in words}
-    num_seeds = math.ceil(n / len(pairs[words[0]]))
+    """{word: {kind, value, object_acc, color_acc, style_acc, none, blank, n, n_color}} for every word of the world
+    (objects, colours, styles and their synonyms), from at least n samples per word, at the model's CFG and
+    temperature, with seeds from `seed` on (training is teacher-forced and samples nothing, so every seed is unseen).
+    color_acc counts the prompts that name a colour; style_acc all of them (no style named: solid); none and blank
+    are the shares of objects judged so."""
     from tqdm import tqdm
 
-    seeds = list(range(seed, seed + num_seeds))
-    codes = torch.cat([spm_janus.sample_prompts(model, tokenizer, [p for p, _ in pairs[word]], seeds, cfg, temperature)
-                       for word in tqdm(words, desc=f"sampling {num_seeds} seeds of every template", unit="word",
-                                        leave=False, file=sys.stderr, dynamic_ncols=True)])
-    verdicts = iter(judge_batch(codes.flatten(0, 1)))
+    cfg, temperature = spm_janus.generation_defaults(model)
+    words = [w for o in OBJECTS for w in words_for(o)] + [w for c in COLORS for w in color_words(c)] + \
+        [w for s in STYLES for w in style_words(s)]
     results = {}
-    for word in words:
-        obj, right, colored, color_right, none, blank, total = object_of(word), 0, 0, 0, 0, 0, 0
-        for _, color in pairs[word]:
-            for _ in range(num_seeds):
-                seen_obj, seen_color = next(verdicts)
-                total += 1
-                right += seen_obj == obj
-                none += seen_obj == "none"
-                blank += seen_obj == "blank"
-                if color is not None:
-                    colored += 1
-                    color_right += seen_color == color
-        results[word] = {"object": obj, "object_acc": right / total, "color_acc": color_right / colored,
-                         "none": none / total, "blank": blank / total, "n": total, "n_color": colored}
+    for word in tqdm(words, desc="sampling every word of the world", unit="word", leave=False, file=sys.stderr,
+                     dynamic_ncols=True):
+        prompts = quality_prompts(word)
+        seeds = list(range(seed, seed + math.ceil(n / len(prompts))))
+        codes = spm_janus.sample_prompts(model, tokenizer, [p for p, _ in prompts], seeds, cfg, temperature)
+        verdicts = judge_batch(codes.flatten(0, 1))
+        expected = [e for _, e in prompts for _ in seeds]
+        colored = [(v, e) for v, e in zip(verdicts, expected) if e[1] is not None]
+        kind, value = meaning(word)
+        results[word] = {"kind": kind, "value": value, "n": len(verdicts), "n_color": len(colored),
+                         "object_acc": sum(v[0] == e[0] for v, e in zip(verdicts, expected)) / len(verdicts),
+                         "color_acc": sum(v[1] == e[1] for v, e in colored) / len(colored),
+                         "style_acc": sum(v[2] == e[2] for v, e in zip(verdicts, expected)) / len(verdicts),
+                         "none": sum(v[0] == "none" for v in verdicts) / len(verdicts),
+                         "blank": sum(v[0] == "blank" for v in verdicts) / len(verdicts)}
     return results
 
 
 def quality_table(results):
-    lines = [f"{'word':11s} {'object':7s} {'object_acc':>10s} {'color_acc':>9s} {'none':>6s} {'blank':>6s} {'n':>4s} "
-             f"{'n_color':>7s}"]
+    head = f"{'word':11s} {'means':16s} {'object_acc':>10s} {'color_acc':>9s} {'style_acc':>9s} {'none':>6s} " \
+           f"{'blank':>6s} {'n':>4s} {'n_color':>7s}"
+    lines = [head]
     for word, r in results.items():
-        lines.append(f"{word:11s} {r['object']:7s} {r['object_acc']:10.3f} {r['color_acc']:9.3f} {r['none']:6.3f} "
-                     f"{r['blank']:6.3f} {r['n']:4d} {r['n_color']:7d}")
-    worst = min(results, key=lambda w: results[w]["object_acc"])
-    lines.append(f"lowest object_acc: {worst} {results[worst]['object_acc']:.3f}")
+        lines.append(f"{word:11s} {r['kind'] + ' ' + r['value']:16s} {r['object_acc']:10.3f} {r['color_acc']:9.3f} "
+                     f"{r['style_acc']:9.3f} {r['none']:6.3f} {r['blank']:6.3f} {r['n']:4d} {r['n_color']:7d}")
+    for figure in ("object_acc", "color_acc", "style_acc"):
+        worst = min(results, key=lambda w: results[w][figure])
+        lines.append(f"lowest {figure}: {worst} {results[worst][figure]:.3f}")
     return "\n".join(lines)
 
 
@@ -368,7 +426,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(spm_janus.toy_model_dir()),
                         help="checkpoint directory to write (or read with --check)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and training data")
-    parser.add_argument("--steps", type=int, default=1000, help="generator (LLM) training steps")
+    parser.add_argument("--steps", type=int, default=2400, help="generator (LLM) training steps")
     parser.add_argument("--decoder-steps", type=int, default=400, help="VQ decoder training steps")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--check", action="store_true", help="only print the base-quality table of --out")
