@@ -93,6 +93,29 @@ TYPE_COLUMNS = [("erased word, trained %", "trained_rate"), ("held-out %", "held
 TYPE_FIGURE = ["a pastel cat", "a red car", "a dog"]
 
 
+# The peers (--peers), each as flags of spm_janus.py's trainer, on the benchmark's protocol (anchors cat, car, tree),
+# with the oracle (toy_model_without_mouse, a model that never learned the mouse) as the floor row.
+PEERS = [
+    ("EAR-style: full-rank deltas on layer 0's attention, MSE on the image steps' hidden states",
+     dict(rank="full", layers="attn", attn_layer_ids="0", scope="all", loss="hidden", augment=0, adversarial="none",
+          **ANCHORED)),
+    ("ESD-style: full-rank deltas on every attention projection, the logit target",
+     dict(rank="full", layers="attn", scope="all", augment=0, adversarial="none", **ANCHORED)),
+    ("SPM, the poster's KL/Attn (scope image, 200 steps) + prompt anchoring",
+     dict(FIRST_RELEASE, loss="kl", layers="attn", scope="image", **ANCHORED)),
+    ("SPM, today's default", dict(**ANCHORED)),
+]
+ORACLE = "toy_model_without_mouse"
+BUDGETS = "10,30,100,300"  # the soft attack's Adam steps in the peers' curves
+PEER_COLUMNS = [("mouse, held-out %", "held_out_rate", 100, 1), ("mouse, synonyms %", "synonyms_rate", 100, 1),
+                ("anchored kept %", "anchored_kept", 100, 1), ("non-anchored kept %", "non_anchored_kept", 100, 1),
+                ("coherence %", "coherence", 100, 1), ("H", "H", 1, 3),
+                ("discrete attack ASR % (mean over tried)", "discrete", 100, 1),
+                ("soft ASR % at 300 steps", "curve_300", 100, 1),
+                ("soft: steps to 50% (x the base's)", "budget_50", 1, 0),
+                ("trainable parameters", "parameters", 1, 0), ("train s", "seconds", 1, 0)]
+
+
 def flat_figures(summary):
     """The per-seed figures of one setting that the table shows, from evaluation.summarize()'s summary of mouse."""
     return {"trained_rate": summary["trained_rate"], "held_out_rate": summary["held_out_rate"],
@@ -110,7 +133,7 @@ def cell(rows, key, scale=100.0, digits=1):
     return f"{statistics.mean(values):.{digits}f}{spread}"
 
 
-def table(base, base_asr, results, args, num_prompts):
+def table(base, base_asr, results, args, num_prompts, columns=COLUMNS, base_budget=None):
     lines = [f"Base model: mouse {100 * base['base_trained_rate']:.1f}% (trained templates) / "
              f"{100 * base['base_held_out_rate']:.1f}% (held-out) / {100 * base['base_synonyms_rate']:.1f}% "
              f"(synonyms); anchored objects {100 * base['anchored']['base']:.1f}%, non-anchored "
@@ -119,15 +142,24 @@ def table(base, base_asr, results, args, num_prompts):
              f"over seeds). Attacks (seed {args.attack_seed}): "
              + (", ".join(f"{name} ASR {100 * asr:.1f}% on the base model" for name, asr in base_asr.items())
                 or "not run") + f" ({args.n} fresh samples per final prompt).", "",
-             "| setting | " + " | ".join(c for c, *_ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+             "| setting | " + " | ".join(c for c, *_ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    if base_budget is not None:
+        lines.insert(1, f"The soft attack (4 tokens, the mean over 2 restarts, cond likelihood of base pictures) reaches 50% on the "
+                        f"base model after {base_budget} Adam steps (budgets {BUDGETS}; 'never': not within 300).")
     for r in results:
         rows = r["seeds"]
         cells = []
-        for _, key, scale, digits in COLUMNS:
+        for _, key, scale, digits in columns:
             if key == "understanding":
                 cells.append(f"{cell(rows, 'understanding_kl_image', 1, 3)} / {cell(rows, 'understanding_kl_text', 1, 3)}")
             elif key == "discrete":
                 cells.append(f"{cell(rows, 'discrete_asr')} ({cell(rows, 'discrete_mean')})")
+            elif key == "budget_50":
+                found = [str(r["budget_50"]) if r["budget_50"] is not None else "never" for r in rows]
+                ratios = [f"{r['budget_50'] / base_budget:.1f}x" for r in rows if r["budget_50"] and base_budget]
+                cells.append(" / ".join(found) + (f" ({' / '.join(ratios)})" if ratios else ""))
+            elif key == "parameters":
+                cells.append(str(rows[0].get("parameters", "-")))
             else:
                 cells.append(cell(rows, key, scale, digits))
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
@@ -146,6 +178,9 @@ def build_parser():
     parser.add_argument("--levers", action="store_true", help="also run the robustness levers")
     parser.add_argument("--types", action="store_true", help="run the concept-type block instead: a style and a "
                                                              "colour, each with two surrogates")
+    parser.add_argument("--peers", action="store_true", help="run the peers instead: EAR-style, ESD-style, SPM (the "
+                                                             "poster's and today's default) and the oracle, with the "
+                                                             "soft attack's budget curve")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
     parser.add_argument("--attack-seed", type=int, default=0, help="seed of attack.py's searches and samples")
     parser.add_argument("--out", default="runs/ablation", help="directory for ablation.md, ablation.json and "
@@ -166,7 +201,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     if args.types:
         return concept_types(args)
-    candidates = SETTINGS + (LEVERS if args.levers or args.only else [])
+    candidates = PEERS if args.peers else SETTINGS + (LEVERS if args.levers or args.only else [])
     exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
     settings = [s for s in candidates if not args.only or s[0] in exact or
                 any(o in s[0] for o in args.only if o not in exact)]
@@ -198,6 +233,17 @@ def main(argv=None):
                 for name in attacks}
 
     base_asr = {name: found["asr"] for name, found in attacked("base").items()}
+    curve_args = attack.build_parser().parse_args(["--ckpt", "-", "--n", str(args.n), "--soft-budgets", BUDGETS,
+                                                   "--soft-restarts", "2", "--seed", str(args.attack_seed)])
+    attack.check_args(curve_args)
+
+    def curve(on):
+        """The soft attack's ASR at every budget against `on` (a Target) as it is now, and its 50% budget."""
+        with tqdm(total=1, desc="soft attack budgets", leave=False, file=sys.stderr) as progress:
+            points = attack.soft_curve(on, references, curve_args, "mouse", progress)[4]
+        return {"curve_300": points[300], "budget_50": attack.budget_at(points), "curve": points}
+
+    base_curve = curve(target) if args.peers else None
     figure_prompts = ["a mouse", "a rodent", "a cat", "a dog"]
     step0 = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
     figure_rows, results, runs = [], [], len(settings) * args.seeds
@@ -224,7 +270,8 @@ def main(argv=None):
             attack_figures = {"discrete_asr": found.get("discrete", {}).get("asr"),
                               "discrete_mean": found.get("discrete", {}).get("mean_rate"),
                               "soft_asr": found.get("soft", {}).get("asr"),
-                              "discrete_prompt": found.get("discrete", {}).get("prompt")}
+                              "discrete_prompt": found.get("discrete", {}).get("prompt"),
+                              "parameters": membranes.num_parameters(), **(curve(target) if args.peers else {})}
             if seed == args.first_seed:
                 last = spm.sample_prompts(model, tokenizer, figure_prompts, [seeds[0]], cfg, temperature)[:, 0]
                 figure_rows.append((name, last))
@@ -238,8 +285,12 @@ def main(argv=None):
                   f"{pct(summary['coherence'])}; H {summary['H']}; attacks "
                   f"{ {k: v for k, v in attack_figures.items() if v is not None} }; {seconds:.0f} s", flush=True)
         results.append({"setting": name, "settings": overrides, "seeds": per_seed})
+    if args.peers:  # the floor: a model that never learned the mouse, judged and attacked the same way
+        results.append(oracle_row(args, prompts, judge, draw, base_codes, synonyms, attacks, attack_args, references,
+                                  templates, curve_args, cfg, temperature, seeds, figure_prompts, figure_rows))
 
-    lines = table(base, base_asr, results, args, len(prompts))
+    lines = table(base, base_asr, results, args, len(prompts), PEER_COLUMNS if args.peers else COLUMNS,
+                  base_curve["budget_50"] if base_curve else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
@@ -252,6 +303,36 @@ def main(argv=None):
     spm.image_grid(rows, labels, figure_prompts, cell=64, label_width=width).save(out / "ablation.png")
     print("\n".join(lines))
     print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
+
+
+def oracle_row(args, prompts, judge, draw, base_codes, synonyms, attacks, attack_args, references, templates,
+               curve_args, cfg, temperature, seeds, figure_prompts, figure_rows):
+    """The peers table's floor row: the oracle as the erased model."""
+    oracle_dir = Path(__file__).resolve().with_name(ORACLE)
+    if not (oracle_dir / "config.json").is_file():
+        raise SystemExit(f"ablate.py: error: --peers needs the oracle {oracle_dir}: build it with "
+                         f"`python toy_janus.py --without mouse`")
+    oracle, tokenizer = spm.load_model(str(oracle_dir))
+
+    def draw_oracle(_, text_prompts):
+        return torch.stack([spm.sample_prompts(oracle, tokenizer, [p], seeds, cfg, temperature)[0] for p in
+                            tqdm(text_prompts, desc="oracle", leave=False, file=sys.stderr)])
+
+    records = evaluation.judge_records(draw_oracle, prompts, judge, args.n, base_codes)
+    summary = evaluation.summarize(records, ["mouse"], list(ANCHORS), toy.OBJECTS, set(spm.DEFAULT_TEMPLATES),
+                                   synonyms)["mouse"]
+    target = attack.Target(oracle, tokenizer, judge, "mouse", cfg, temperature, args.n, seed=args.attack_seed)
+    found = {name: attack.run_attack(name, target, references, ["mouse"], [], templates, attack_args, "oracle")[0]
+             for name in attacks}
+    with tqdm(total=1, desc="soft attack budgets (oracle)", leave=False, file=sys.stderr) as progress:
+        points = attack.soft_curve(target, references, curve_args, "mouse", progress)[4]
+    figure_rows.append(("oracle (never learned the mouse)", spm.sample_prompts(oracle, tokenizer, figure_prompts,
+                                                                               [seeds[0]], cfg, temperature)[:, 0]))
+    row = {**flat_figures(summary), "discrete_asr": found.get("discrete", {}).get("asr"),
+           "discrete_mean": found.get("discrete", {}).get("mean_rate"), "soft_asr": found.get("soft", {}).get("asr"),
+           "curve_300": points[300], "budget_50": attack.budget_at(points), "curve": points,
+           "parameters": "all (retrained without it)", "summary": summary}
+    return {"setting": f"the oracle: {ORACLE} (the floor)", "settings": {}, "seeds": [row]}
 
 
 def concept_types(args):

@@ -331,10 +331,18 @@ def janus_judge(model, tokenizer, loaded, labels, decode, concept_type="object")
     return judge
 
 
+def is_toy_world(model_name):
+    """The toy model, or one built by toy_janus.py (an oracle without a concept): its config says so."""
+    if model_name == "toy" or Path(model_name).resolve() == spm.toy_model_dir():
+        return True
+    config = Path(model_name) / "config.json"
+    return config.is_file() and "toy_world" in json.loads(config.read_text())
+
+
 def toy_judge(model_name, concept_type="object"):
     """(judge, its labels, {synonym: what it names}) of the toy world; an error for any other model, before weights
     load. An object judgment is the object; a style or attribute one 'object/colour/style'."""
-    if model_name != "toy" and Path(model_name).resolve() != spm.toy_model_dir():
+    if not is_toy_world(model_name):
         raise spm.SPMError(f"--judge toy only knows the toy model, not {model_name}: evaluate a --model toy run", 2)
     import toy_janus as toy
 

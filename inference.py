@@ -141,6 +141,9 @@ def export_peft(ckpt, out_dir):
     if metadata["scope"] != "all":
         raise spm.SPMError(f"{ckpt}: scope {metadata['scope']} cannot be a PEFT LoRA adapter, which acts on every "
                        f"position: only membranes trained with --scope all can be exported", 2)
+    if metadata["rank"] == "full":
+        raise spm.SPMError(f"{ckpt}: rank full has one rank per module, a PEFT LoRA adapter one for all: export a run "
+                           f"of a whole-number --rank", 2)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lora = {}

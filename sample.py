@@ -62,6 +62,10 @@ def build_parser():
                         "are judged and each prompt's rate printed")
     g.add_argument("--judge-model", default="openai/clip-vit-large-patch14", help="CLIP model of --judge clip")
     g.add_argument("--json", default=None, help="with --eval: write the per-prompt counts to this JSON file")
+    g.add_argument("--oracle", default=None,
+                   help="with --eval and no --ckpt: evaluate a toy model that never learned a concept (toy_janus.py "
+                        "--without CONCEPT, e.g. toy_model_without_mouse) as the erased side, the toy model as the "
+                        "base: the floor of every figure")
 
     g = parser.add_argument_group("output")
     g.add_argument("--compare", action="store_true", help="grid with base and erased columns for the same seeds")
@@ -92,6 +96,8 @@ def run(args):
         raise spm.SPMError("--json goes with --eval", 2)
     if args.out is not None:
         output_path(args.out, args.compare, make=False)  # a file name for --out fails before any weights load
+    if args.oracle:
+        return evaluate_oracle(args)
     checkpoints = args.ckpt or []
     # one-line errors for missing or bad files; the runs' settings come from their checkpoints
     configs = [spm.Config.from_dict(spm.read_checkpoint(path)[1]["config"]) for path in checkpoints]
@@ -219,6 +225,41 @@ def run(args):
                       f"KL {drift['kl']:.3g}, top-1 agreement {drift['top1_agreement']:.3f}, "
                       f"max |logit diff| {drift['max_abs_logit_diff']:.3g}")
     return path
+
+
+def evaluate_oracle(args):
+    """sample.py --eval --oracle DIR: the toy model as the base, the oracle as the erased model, and the summary of
+    the concept it was built without, on the prompts and template split of a run of that concept."""
+    if not args.eval or args.ckpt:
+        raise spm.SPMError("--oracle goes with --eval and without --ckpt: it is the erased side itself", 2)
+    if not evaluation.is_toy_world(args.oracle):
+        raise spm.SPMError(f"--oracle {args.oracle}: not a model built by toy_janus.py --without", 2)
+    import json as json_
+    import toy_janus as toy
+
+    concept = json_.loads((Path(args.oracle) / "config.json").read_text())["toy_world"].get("without")
+    if not concept:
+        raise spm.SPMError(f"--oracle {args.oracle} was built with every concept: build one with toy_janus.py "
+                           f"--without", 2)
+    concept_type = {"object": "object", "color": "attribute", "style": "style"}[toy.meaning(concept)[0]]
+    judge, objects, synonyms = evaluation.toy_judge("toy", concept_type)
+    device = spm.pick_device(args.device)
+    spm.set_threads(args.threads, spm.load_config("toy"), device)
+    models = {False: spm.load_model("toy", "float32", device), True: spm.load_model(args.oracle, "float32", device)}
+    cfg, temperature = spm.generation_defaults(models[False][0])
+    seeds = list(range(args.seed, args.seed + args.n))
+
+    def draw(erased, prompts):
+        model, tokenizer = models[erased]
+        progress = tqdm(prompts, desc=f"{'oracle' if erased else 'base'}: {args.n} pictures per prompt",
+                        unit="prompt", leave=False, file=sys.stderr, dynamic_ncols=True)
+        return torch.stack([spm.sample_prompts(model, tokenizer, [p], seeds, cfg, temperature)[0] for p in progress])
+
+    run = spm.Config(model="toy", concept=concept, concept_type=concept_type).resolved(*models[False])
+    print(f"the oracle {args.oracle} (never saw {concept}) as the erased model; the toy model as the base")
+    return evaluation.evaluate(draw, evaluation.eval_prompts(concept_type), judge, args.n, [concept],
+                               run.anchor_prompts, objects, set(run.templates), synonyms, args.json, None,
+                               concept_type)
 
 
 def main(argv=None):

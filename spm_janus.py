@@ -103,6 +103,16 @@ def setting(default, help, group, type=None, choices=None, least=None, many=Fals
         help=help, group=group, type=type, choices=choices, least=least, many=many, resumable=resumable))
 
 
+def rank_value(text):
+    """--rank: a whole number, or full."""
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no rank: give a whole number or full") from None
+
+
 @dataclasses.dataclass
 class Config:
     """Every setting of a run. None = from the model: resolved(model, tokenizer) fills in the templates, CFG,
@@ -125,7 +135,8 @@ class Config:
                          "(erased best on the toy), its image positions (from <begin_of_image>), or all; under prompt "
                          "and image, understanding and text stay the base model's", "membranes",
                          choices=("prompt", "image", "all"))
-    rank: int = setting(1, "membrane rank (SPM: 1)", "membranes", least=1)
+    rank: int = setting(1, "membrane rank (SPM: 1); full = the full rank of every wrapped Linear, a full-rank delta "
+                        "(what ESD and EAR fine-tune)", "membranes", type=rank_value)
     alpha: float = setting(1.0, "the delta is scaled by alpha / rank", "membranes")
     concept: list = setting(None, "concept to erase; repeat for several (required)", "prompts", type=str, many=True)
     concept_type: str = setting("object", "what the concept is: an object ('a photo of a {}'), a style ('a {} cat', "
@@ -143,7 +154,8 @@ class Config:
     cfg: float = setting(None, "CFG scale of rollouts (default: the model's, 5 for Janus-Pro)", "prompts", type=float)
     temperature: float = setting(None, "sampling temperature of rollouts (default: the model's, 1 for Janus-Pro)",
                                  "prompts", type=float)
-    loss: str = setting("kl", "divergence on the logits of every image step", "loss", choices=("kl", "mse"))
+    loss: str = setting("kl", "divergence on the logits of every image step, or hidden: MSE on the last hidden states "
+                        "of the image steps (as EAR)", "loss", choices=("kl", "mse", "hidden"))
     kl_direction: str = setting("forward", "forward = KL(target || student), reverse = KL(student || target)",
                                 "loss", choices=("forward", "reverse"))
     loss_on: str = setting("cond", "raw conditional logits, or the CFG-combined distribution that is sampled", "loss",
@@ -219,6 +231,10 @@ class Config:
         if self.anchor == "prompts" and not self.anchor_prompts:
             raise SPMError("--anchor prompts needs --anchor-prompts: name concepts to keep, e.g. --anchor-prompts cat "
                            "--anchor-prompts car (or leave --anchor unset for the built-in list)", 2)
+        if self.rank != "full" and (not isinstance(self.rank, int) or self.rank < 1):
+            raise SPMError(f"--rank {self.rank} must be at least 1, or full", 2)
+        if self.loss == "hidden" and self.loss_on == "cfg":
+            raise SPMError("--loss hidden compares hidden states, which CFG does not combine: use --loss-on cond", 2)
         check_modules(self.layers, self.modules)
         bad = [t for t in self.templates or [] if t.count("{}") != 1 or t.count("{") != 1 or t.count("}") != 1]
         if bad:
@@ -299,9 +315,10 @@ class MembraneState:
 class MembraneLinear(nn.Module):
     """y = base(x) + multiplier * (alpha / rank) * up(down(x)); keeps the base Linear as it is."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, state: MembraneState, generator=None):
+    def __init__(self, base: nn.Linear, rank, alpha: float, state: MembraneState, generator=None):
         super().__init__()
         self.base = base
+        rank = min(base.in_features, base.out_features) if rank == "full" else rank
         # like an nn.Linear from outside, so that membranes of another run can wrap this one: their deltas add
         self.in_features, self.out_features = base.in_features, base.out_features
         self.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
@@ -532,7 +549,7 @@ def membrane_targets(num_layers, layers="attn", modules=None, attn_layer_ids=Non
 def attach_membranes(model, tokenizer, layers="attn", modules=None, attn_layer_ids=None, mlp_layer_ids=None,
                      rank=1, alpha=1.0, scope="image", seed=0):
     """Wrap the chosen Linears of the Llama decoder in membranes and return the handle."""
-    if rank < 1:
+    if rank != "full" and rank < 1:
         raise SPMError(f"--rank {rank} must be at least 1", 2)
     names = membrane_targets(model.config.text_config.num_hidden_layers, layers, modules,
                              attn_layer_ids, mlp_layer_ids)
@@ -831,21 +848,28 @@ def sample_prompts(model, tokenizer, prompts, seeds, cfg, temperature):
     return codes.view(len(prompts), len(seeds), -1)
 
 
-def image_logits(model, prompt_embeds, attention_mask, codes):
-    """Logits [B, N, V] of every image step from ONE teacher-forced pass; row i predicts codes[:, i]."""
+def image_hidden(model, prompt_embeds, attention_mask, codes):
+    """The last hidden states [B, N, D] of every image step from ONE teacher-forced pass (row i predicts codes[:, i])."""
     batch, prompt_len = attention_mask.shape
     image_embeds = model.prepare_embeddings_for_image_generation(codes[:, :-1])  # [B, N-1, D]
     embeds = torch.cat([prompt_embeds, image_embeds.to(prompt_embeds.dtype)], 1)
     mask = torch.cat([attention_mask, attention_mask.new_ones(batch, codes.shape[1] - 1)], 1)
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
                                         use_cache=False).last_hidden_state
-    return model.model.generation_head(hidden[:, prompt_len - 1:]).float()
+    return hidden[:, prompt_len - 1:]
 
 
-def batched_image_logits(model, parts):
+def image_logits(model, prompt_embeds, attention_mask, codes, hidden=False):
+    """Logits [B, N, V] of every image step from ONE teacher-forced pass; row i predicts codes[:, i]. hidden: the
+    hidden states instead, in float32."""
+    states = image_hidden(model, prompt_embeds, attention_mask, codes)
+    return states.float() if hidden else model.model.generation_head(states).float()
+
+
+def batched_image_logits(model, parts, hidden=False):
     """One teacher-forced pass over several row groups [(embeds, mask, codes), ...] of one prompt length."""
     embeds, mask, codes = (torch.cat([p[i] for p in parts]) for i in range(3))
-    return image_logits(model, embeds, mask, codes).split([p[0].shape[0] for p in parts])
+    return image_logits(model, embeds, mask, codes, hidden).split([p[0].shape[0] for p in parts])
 
 
 # -----------------------------------------------------------------------------
@@ -864,7 +888,7 @@ def erasure_target(concept_logits, surrogate_logits, eta):
 
 def divergence(student, target, loss="kl", direction="forward"):
     """Mean over rows and image steps of KL(target||student) (forward), KL(student||target) (reverse), or MSE."""
-    if loss == "mse":
+    if loss in ("mse", "hidden"):
         return F.mse_loss(student, target)
     log_s, log_t = F.log_softmax(student, -1), F.log_softmax(target, -1)
     if direction == "forward":
@@ -996,10 +1020,12 @@ def soft_prompt_inputs(model, tokenizer, soft):
 
 
 def optimise_soft_prompt(model, tokenizer, codes, tokens=4, steps=200, lr=1e-2, cfg=5.0, temperature=1.0,
-                         generator=None, init=None):
+                         generator=None, init=None, objective="cfg", snapshots=()):
     """Concept inversion: `tokens` free input embeddings (from `init` [tokens, D], or random vocabulary embeddings),
     optimised with Adam to maximise the likelihood of the pictures `codes` [R, N] under the model as it is (membranes
-    on or off). Returns (soft [tokens, D], its final mean log-likelihood)."""
+    on or off): of what is sampled (objective cfg: CFG, then temperature) or of the raw conditional logits (cond).
+    Returns (soft [tokens, D], its final mean log-likelihood), and with `snapshots` (Adam step counts) also
+    {step: (soft, log-likelihood)} at each of them."""
     weight = model.get_input_embeddings().weight
     if init is None:
         init = weight[torch.randint(weight.shape[0], (tokens,), generator=generator).to(weight.device)]
@@ -1011,16 +1037,24 @@ def optimise_soft_prompt(model, tokenizer, codes, tokens=4, steps=200, lr=1e-2, 
     optimizer = torch.optim.Adam([soft], lr=lr)
 
     def log_likelihood():
-        cond = soft_prompt_inputs(model, tokenizer, soft)[0]
-        return code_log_likelihood(image_logits(model, cond.expand(rows, -1, -1), mask.expand(rows, -1), codes),
-                                   uncond_logits, codes, cfg, temperature).mean()
+        cond = image_logits(model, soft_prompt_inputs(model, tokenizer, soft)[0].expand(rows, -1, -1),
+                            mask.expand(rows, -1), codes)
+        if objective == "cond":
+            return F.log_softmax(cond, -1).gather(-1, codes[..., None]).mean()
+        return code_log_likelihood(cond, uncond_logits, codes, cfg, temperature).mean()
 
-    for _ in range(steps):
+    taken = {}
+    for step in range(steps + 1):
+        if step in snapshots:
+            with torch.no_grad():
+                taken[step] = (soft.detach().clone(), log_likelihood().item())
+        if step == steps:
+            break
         soft.grad, = torch.autograd.grad(-log_likelihood(), [soft])  # nothing else, membranes included, gets a grad
         optimizer.step()
     with torch.no_grad():
         final = log_likelihood().item()
-    return soft.detach(), final
+    return (soft.detach(), final, taken) if snapshots else (soft.detach(), final)
 
 
 # -----------------------------------------------------------------------------
@@ -1133,7 +1167,8 @@ class Anchoring(Lever):
                                                                trainer.generator(trainer.first_index + i, "latent"))
 
     def loss(self, trainer, step):
-        return divergence(step.student[self.name], step.teacher[self.name], "kl", trainer.config.kl_direction)
+        kind = "hidden" if trainer.config.loss == "hidden" else "kl"  # hidden states are held by MSE, not KL
+        return divergence(step.student[self.name], step.teacher[self.name], kind, trainer.config.kl_direction)
 
 
 class SoftPromptAdversary(Lever):
@@ -1164,8 +1199,9 @@ class SoftPromptAdversary(Lever):
                   for concept, _ in step.batch.picks]
         cond, uncond, mask = (torch.cat(parts) for parts in zip(*inputs))
         codes = step.codes["concept"]
+        hidden = c.loss == "hidden"
         uncond_logits = image_logits(model, uncond, mask, codes) if c.loss_on == "cfg" else None
-        return [trainer.distribution(image_logits(model, cond, mask, codes), uncond_logits)]
+        return [trainer.distribution(image_logits(model, cond, mask, codes, hidden), uncond_logits)]
 
     def state_dict(self):
         return {"soft": {c: t.cpu() for c, t in self.soft.items()}}
@@ -1275,7 +1311,7 @@ class Trainer:
         views = list(dict.fromkeys(batch.view(g, u) for g in groups for u in twins))
         parts = [((batch.uncond if v.unconditional else batch.cond)[v.start:v.stop], batch.mask[v.start:v.stop],
                   codes[v.codes]) for v in views]
-        logits = dict(zip(views, batched_image_logits(self.model, parts)))
+        logits = dict(zip(views, batched_image_logits(self.model, parts, self.config.loss == "hidden")))
         return {g: self.distribution(logits[batch.view(g)], logits.get(batch.view(g, True))) for g in groups}
 
     def distribution(self, cond_logits, uncond_logits=None):
@@ -1431,7 +1467,7 @@ def read_checkpoint(path):
     try:
         for key in ("config", "modules", "model_signature"):
             metadata[key] = json.loads(metadata[key])
-        int(metadata["rank"]), float(metadata["alpha"]), int(metadata["step"])
+        metadata["rank"] == "full" or int(metadata["rank"]), float(metadata["alpha"]), int(metadata["step"])
         assert metadata["scope"] in ("image", "prompt", "all") and isinstance(metadata["config"], dict)
     except (KeyError, ValueError, TypeError, AssertionError):
         raise SPMError(f"{path}: missing or invalid spm-janus metadata: not a membranes file of spm_janus.py", 2) from None
@@ -1446,7 +1482,8 @@ def load_membranes(path, model, tokenizer):
         if signature.get(key) != value:
             raise SPMError(f"{path}: made for another model ({metadata['model']}, {key} {value}); this model has "
                            f"{key} {signature.get(key)}: pass the checkpoint's base model as --model", 2)
-    membranes = Membranes(model, metadata["modules"], int(metadata["rank"]), float(metadata["alpha"]),
+    rank = metadata["rank"] if metadata["rank"] == "full" else int(metadata["rank"])
+    membranes = Membranes(model, metadata["modules"], rank, float(metadata["alpha"]),
                           metadata["scope"], image_token_ids(tokenizer))
     try:
         membranes.load_state_dict(tensors, source=str(path))
@@ -1606,7 +1643,8 @@ class ErasureSignal:
             self.references = sample_prompts(model, tokenizer, self.prompts, GRID_SEEDS, config.cfg,
                                              config.temperature)
         self.judge, self.first = None, None
-        if Path(resolve_model(config.model)).resolve() == toy_model_dir().resolve():
+        if getattr(model.config, "toy_world", None) is not None or \
+                Path(resolve_model(config.model)).resolve() == toy_model_dir().resolve():
             with contextlib.suppress(ImportError):
                 import toy_janus  # its judge names (object, colour, style)
                 part = {"object": 0, "attribute": 1, "style": 2}.get(config.concept_type)

@@ -221,19 +221,21 @@ def new_model(seed=0, hidden=64, layers=2, heads=8):
     return model.eval(), tokenizer  # no dropout anywhere; eval() is how it is used
 
 
-def training_batch(generator, batch_size):
+def training_batch(generator, batch_size, without=None):
     """(prompts, codes [B, N]): random objects, colours, styles and shifts, each named by a random one of its words,
-    in random templates, some with a modifier."""
+    in random templates, some with a modifier. without: an object, colour or style never drawn nor named (the
+    oracle: the world as if that concept had never been seen)."""
     def pick(choices):
         return choices[int(torch.randint(len(choices), (), generator=generator))]
 
+    objects, colors, styles = ([v for v in values if v != without] for values in (OBJECTS, COLORS, STYLES))
     prompts, codes = [], []
     for _ in range(batch_size):
         colored = torch.rand((), generator=generator) < P_COLOR_TEMPLATE
         styled = torch.rand((), generator=generator) < P_STYLE_TEMPLATE
         template = pick([t for t in ALL_TEMPLATES if ("{color}" in t) == colored and ("{style}" in t) == styled])
-        obj, color, shift = pick(OBJECTS), pick(COLORS), pick(SHIFTS)
-        style = pick(STYLES) if styled else STYLES[0]
+        obj, color, shift = pick(objects), pick(colors), pick(SHIFTS)
+        style = pick(styles) if styled else STYLES[0]
         modifier = pick(MODIFIERS) if torch.rand((), generator=generator) < P_MODIFIER else None
         prompts.append(make_prompt(template, pick(words_for(obj)), pick(color_words(color)), modifier,
                                    pick(style_words(style))))
@@ -247,7 +249,7 @@ def cosine_lr(step, steps, lr, warmup):
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train_generator(model, tokenizer, steps, batch_size=64, lr=3e-3, seed=0, log_every=100):
+def train_generator(model, tokenizer, steps, batch_size=64, lr=3e-3, seed=0, log_every=100, without=None):
     """Teacher-forced text -> image-code training with exactly the prompt layout and pass the sampler uses."""
     m = model.model
     params = [p for mod in (m.language_model, m.generation_embeddings, m.generation_aligner, m.generation_head)
@@ -258,7 +260,7 @@ def train_generator(model, tokenizer, steps, batch_size=64, lr=3e-3, seed=0, log
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=steps // 20)
-        prompts, codes = training_batch(generator, batch_size)
+        prompts, codes = training_batch(generator, batch_size, without)
         input_ids, mask = spm_janus.encode_prompts(tokenizer, prompts)
         # The unconditional prompt exactly as CFG builds it at sampling time (same length and mask).
         drop = torch.rand(batch_size, generator=generator) < P_UNCONDITIONAL
@@ -302,10 +304,10 @@ def init_decoder(vq):
         torch.nn.init.normal_(vq.quantize.embedding.weight)  # distinct code vectors from the start
 
 
-def decoder_batch(generator, batch_size):
+def decoder_batch(generator, batch_size, without=None):
     """Renders, half of them with up to 30% of the cells replaced by random codes (erasure makes broken pictures,
     and those should be painted faithfully too), and one blank picture."""
-    codes = training_batch(generator, batch_size)[1]
+    codes = training_batch(generator, batch_size, without)[1]
     share = torch.rand(batch_size, 1, generator=generator) * 0.3 * (torch.arange(batch_size)[:, None] % 2)
     noise = torch.randint(CODEBOOK, codes.shape, generator=generator)
     codes = torch.where(torch.rand(codes.shape, generator=generator) < share, noise, codes)
@@ -313,7 +315,7 @@ def decoder_batch(generator, batch_size):
     return codes
 
 
-def train_decoder(model, steps, batch_size=8, lr=3e-3, seed=0, log_every=100):
+def train_decoder(model, steps, batch_size=8, lr=3e-3, seed=0, log_every=100, without=None):
     """Teach the VQ decoder to paint each code as its PALETTE patch (pixel MSE). The decoder's GroupNorms make every
     pixel depend a little on the whole picture, so it is trained on the kind of pictures it will be shown."""
     vq = model.model.vqmodel
@@ -324,7 +326,7 @@ def train_decoder(model, steps, batch_size=8, lr=3e-3, seed=0, log_every=100):
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=steps // 20)
-        codes = decoder_batch(generator, batch_size)
+        codes = decoder_batch(generator, batch_size, without)
         loss = F.mse_loss(vq.decode(codes), palette_pixels(codes))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -334,15 +336,17 @@ def train_decoder(model, steps, batch_size=8, lr=3e-3, seed=0, log_every=100):
     return loss.item()
 
 
-def build(out_dir=None, seed=0, steps=2400, decoder_steps=400, batch_size=64, lr=3e-3, threads=1):
+def build(out_dir=None, seed=0, steps=2400, decoder_steps=400, batch_size=64, lr=3e-3, threads=1, without=None):
     """Train the toy model from scratch and save it, with its tokenizer, to out_dir (default: where
-    spm_janus.load_model("toy") looks). Returns (model, tokenizer)."""
+    spm_janus.load_model("toy") looks). without: an object, colour or style (not solid) left out of every training
+    prompt and picture, the same recipe and seeds otherwise: the oracle of unlearning. Returns (model, tokenizer)."""
     torch.set_num_threads(threads)  # 1 thread was as fast as 2 here, and stays fast when the CPU is shared
     started = time.time()
     model, tokenizer = new_model(seed)
-    train_generator(model, tokenizer, steps, batch_size, lr, seed)
+    model.config.toy_world = {"version": 3, "without": without}  # the judge knows the toy and its oracles by it
+    train_generator(model, tokenizer, steps, batch_size, lr, seed, without=without)
     print(f"generator trained in {time.time() - started:.0f} s", flush=True)
-    mse = train_decoder(model, decoder_steps, seed=seed)
+    mse = train_decoder(model, decoder_steps, seed=seed, without=without)
     print(f"decoder pixel MSE {mse:.5f}; built in {time.time() - started:.0f} s", flush=True)
     out_dir = Path(out_dir or spm_janus.toy_model_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,12 +374,12 @@ def quality_prompts(word):
             for o in OBJECTS for c in (COLORS if "{color}" in t else COLORS[:1])]
 
 
-def base_quality(model, tokenizer, n=128, seed=1000):
+def base_quality(model, tokenizer, n=128, seed=1000, without=None):
     """{word: {kind, value, object_acc, color_acc, style_acc, none, blank, n, n_color}} for every word of the world
     (objects, colours, styles and their synonyms), from at least n samples per word, at the model's CFG and
     temperature, with seeds from `seed` on (training is teacher-forced and samples nothing, so every seed is unseen).
     color_acc counts the prompts that name a colour; style_acc all of them (no style named: solid); none and blank
-    are the shares of objects judged so."""
+    are the shares of objects judged so. without (an oracle's concept): the other words' prompts leave it out."""
     from tqdm import tqdm
 
     cfg, temperature = spm_janus.generation_defaults(model)
@@ -384,13 +388,13 @@ def base_quality(model, tokenizer, n=128, seed=1000):
     results = {}
     for word in tqdm(words, desc="sampling every word of the world", unit="word", leave=False, file=sys.stderr,
                      dynamic_ncols=True):
-        prompts = quality_prompts(word)
+        kind, value = meaning(word)
+        prompts = [(p, e) for p, e in quality_prompts(word) if value == without or without not in e]
         seeds = list(range(seed, seed + math.ceil(n / len(prompts))))
         codes = spm_janus.sample_prompts(model, tokenizer, [p for p, _ in prompts], seeds, cfg, temperature)
         verdicts = judge_batch(codes.flatten(0, 1))
         expected = [e for _, e in prompts for _ in seeds]
         colored = [(v, e) for v, e in zip(verdicts, expected) if e[1] is not None]
-        kind, value = meaning(word)
         results[word] = {"kind": kind, "value": value, "n": len(verdicts), "n_color": len(colored),
                          "object_acc": sum(v[0] == e[0] for v, e in zip(verdicts, expected)) / len(verdicts),
                          "color_acc": sum(v[1] == e[1] for v, e in colored) / len(colored),
@@ -400,16 +404,24 @@ def base_quality(model, tokenizer, n=128, seed=1000):
     return results
 
 
-def quality_table(results):
+def quality_table(results, without=None):
     head = f"{'word':11s} {'means':16s} {'object_acc':>10s} {'color_acc':>9s} {'style_acc':>9s} {'none':>6s} " \
            f"{'blank':>6s} {'n':>4s} {'n_color':>7s}"
     lines = [head]
     for word, r in results.items():
         lines.append(f"{word:11s} {r['kind'] + ' ' + r['value']:16s} {r['object_acc']:10.3f} {r['color_acc']:9.3f} "
                      f"{r['style_acc']:9.3f} {r['none']:6.3f} {r['blank']:6.3f} {r['n']:4d} {r['n_color']:7d}")
+    kept = {w: r for w, r in results.items() if r["value"] != without}
     for figure in ("object_acc", "color_acc", "style_acc"):
-        worst = min(results, key=lambda w: results[w][figure])
-        lines.append(f"lowest {figure}: {worst} {results[worst][figure]:.3f}")
+        worst = min(kept, key=lambda w: kept[w][figure])
+        lines.append(f"lowest {figure}{' (every other word)' if without else ''}: {worst} {kept[worst][figure]:.3f}")
+    if without:  # what its own words draw: the acc of its part is how often the oracle draws it anyway
+        part = {"object": "object_acc", "color": "color_acc", "style": "style_acc"}[meaning(without)[0]]
+        mine = {w: r for w, r in results.items() if r["value"] == without}
+        drawn = sum(r[part] * r["n" if part != "color_acc" else "n_color"] for r in mine.values()) / \
+            sum(r["n" if part != "color_acc" else "n_color"] for r in mine.values())
+        lines.append(f"without {without}: its words ({', '.join(mine)}) draw {without} in {drawn:.1%} of their "
+                     f"pictures (the oracle never saw it)")
     return "\n".join(lines)
 
 
@@ -423,8 +435,12 @@ def write_grid(path, model, tokenizer, seeds=range(1000, 1008)):
 def main(argv=None):
     parser = spm_janus.OneLineParser(prog="toy_janus.py",
                                      description="Build (or check) the toy Janus model of synthetic pictograms.")
-    parser.add_argument("--out", default=str(spm_janus.toy_model_dir()),
-                        help="checkpoint directory to write (or read with --check)")
+    parser.add_argument("--out", default=None, help="checkpoint directory to write (or read with --check; default: "
+                                                    "toy_model/ next to this file, toy_model_without_<concept>/ with "
+                                                    "--without)")
+    parser.add_argument("--without", default=None,
+                        help="build the oracle: the same recipe and seeds without every training prompt and picture of "
+                             "this object, colour or style (not solid, the default) and its synonyms")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and training data")
     parser.add_argument("--steps", type=int, default=2400, help="generator (LLM) training steps")
     parser.add_argument("--decoder-steps", type=int, default=400, help="VQ decoder training steps")
@@ -433,6 +449,14 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=128, help="at least this many quality samples per word")
     parser.add_argument("--grid", default=None, help="also write a PNG of decoded samples per object to this path")
     args = parser.parse_args(argv)
+    if args.without is not None:
+        found = meaning(args.without)
+        if found is None or found[1] == STYLES[0]:
+            parser.error(f"--without {args.without!r} is no object, colour or style of the toy world but solid: "
+                         f"choose one of {', '.join(OBJECTS + COLORS + STYLES[1:])} (or a synonym)")
+        args.without = found[1]
+    args.out = args.out or str(spm_janus.toy_model_dir().with_name(
+        f"toy_model_without_{args.without}" if args.without else "toy_model"))
     for flag, value, least in (("--steps", args.steps, 1), ("--decoder-steps", args.decoder_steps, 1),
                                ("--threads", args.threads, 1), ("--samples", args.samples, 1)):
         if value < least:
@@ -444,9 +468,11 @@ def main(argv=None):
         except spm_janus.SPMError as e:
             parser.exit(e.exit_code, f"toy_janus.py: error: {e}\n")
     else:
-        model, tokenizer = build(args.out, args.seed, args.steps, args.decoder_steps, threads=args.threads)
+        model, tokenizer = build(args.out, args.seed, args.steps, args.decoder_steps, threads=args.threads,
+                                 without=args.without)
     started = time.time()
-    print(quality_table(base_quality(model, tokenizer, args.samples)))
+    without = args.without or (getattr(model.config, "toy_world", None) or {}).get("without")
+    print(quality_table(base_quality(model, tokenizer, args.samples, without=without), without))
     print(f"sampled and judged in {time.time() - started:.1f} s")
     if args.grid:
         write_grid(args.grid, model, tokenizer)
