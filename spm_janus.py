@@ -173,6 +173,13 @@ class Config:
     adversarial_every: int = setting(10, "steps between attacks of --adversarial", "robustness", least=1)
     adversarial_steps: int = setting(20, "Adam steps of each attack", "robustness", least=0)
     adversarial_tokens: int = setting(4, "soft prompt length of --adversarial soft", "robustness", least=1)
+    latent_eps: float = setting(0.0, "latent adversarial training: each step a perturbation of the residual stream at "
+                                "the concept prompt's positions, each at most this share of that position's norm, is "
+                                "found by PGD to bring the concept back and is trained away (0 = off)", "robustness",
+                                least=0)
+    latent_layer: int = setting(None, "decoder layer whose input --latent-eps perturbs (default: the middle one)",
+                                "robustness", type=int, least=0)
+    latent_steps: int = setting(4, "PGD steps of each --latent-eps attack", "robustness", least=1)
     anchor: str = setting(None, "keep other concepts: none; latent = SPM's norm-matched random concept embeddings; "
                           "prompts = --anchor-prompts (default: prompts, a built-in list of common concepts minus the "
                           "erased ones)", "anchoring", type=str, choices=("none", "latent", "prompts"))
@@ -216,7 +223,7 @@ class Config:
             value, meta, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
             if meta["choices"] and value is not None and value not in meta["choices"]:
                 raise SPMError(f"{flag} {value!r}: choose from {', '.join(meta['choices'])}", 2)
-            if meta["least"] is not None and value < meta["least"]:
+            if meta["least"] is not None and value is not None and value < meta["least"]:
                 raise SPMError(f"{flag} {value} must be at least {meta['least']}", 2)
         if not 0 <= self.augment <= 1:
             raise SPMError(f"--augment {self.augment} is a share of the prompts: give a number from 0 to 1", 2)
@@ -274,6 +281,9 @@ class Config:
             temperature=temperature if self.temperature is None else self.temperature,
             sample_prompts=self.sample_prompts or [example(self.concept_type, templates, c) for c in self.concept] +
             [example(self.concept_type, templates, c) for c in kept[:3] if c not in self.concept])
+        layers = model.config.text_config.num_hidden_layers
+        if self.latent_layer is not None and self.latent_layer >= layers:
+            raise SPMError(f"--latent-layer {self.latent_layer}: this model's decoder has layers 0-{layers - 1}", 2)
         context = model.config.text_config.max_position_embeddings - model.config.vision_config.num_image_tokens
         for word in resolved.concept + [surrogate.strip("-")] + (resolved.anchor_prompts or []):
             for template in resolved.templates:  # one-line error for a prompt over the context
@@ -1171,6 +1181,14 @@ class Anchoring(Lever):
         return divergence(step.student[self.name], step.teacher[self.name], kind, trainer.config.kl_direction)
 
 
+def teacher_pictures(trainer, concept):
+    """The adversaries' concept pictures: the teacher's samples [R, N] of every training template, at least 8."""
+    c = trainer.config
+    with trainer.membranes.disabled():
+        return sample_prompts(trainer.model, trainer.tokenizer, [t.format(concept) for t in c.templates],
+                              list(range(max(1, -(-8 // len(c.templates))))), c.cfg, c.temperature).flatten(0, 1)
+
+
 class SoftPromptAdversary(Lever):
     """--adversarial soft (AdvUnlearn-style): every --adversarial-every steps a soft prompt per concept is optimised
     against the current membranes to draw the concept's pictures (the teacher's samples), warm-started from the last
@@ -1184,10 +1202,7 @@ class SoftPromptAdversary(Lever):
         c, model, tokenizer = trainer.config, trainer.model, trainer.tokenizer
         for concept in c.concept:
             if concept not in self.references:
-                with trainer.membranes.disabled():
-                    self.references[concept] = sample_prompts(
-                        model, tokenizer, [t.format(concept) for t in c.templates],
-                        list(range(max(1, -(-8 // len(c.templates))))), c.cfg, c.temperature).flatten(0, 1)
+                self.references[concept] = teacher_pictures(trainer, concept)
             if trainer.step_count % c.adversarial_every == 0:
                 generator = torch.Generator().manual_seed(derived_seed(c.seed, trainer.step_count, concept, "soft"))
                 init = self.soft[concept].to(trainer.device) if concept in self.soft else None
@@ -1210,10 +1225,94 @@ class SoftPromptAdversary(Lever):
         self.soft = dict(state.get("soft", {}))
 
 
+@contextlib.contextmanager
+def residual_perturbation(model, layer, delta):
+    """Adds delta [B, P, D] to the residual stream entering decoder `layer` at the first P positions of B-row passes
+    (other passes are left alone); removed on exit, whatever happens."""
+    def add(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[0] != delta.shape[0]:
+            return None
+        P = delta.shape[1]
+        hidden = torch.cat([hidden[:, :P] + delta.to(hidden.dtype), hidden[:, P:]], 1)
+        return ((hidden,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    handle = model.model.language_model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def residual_norms(model, layer, embeds, mask):
+    """The norm [B, P] of the residual stream entering decoder `layer` at every prompt position."""
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    handle = model.model.language_model.layers[layer].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                                       use_cache=False)
+    finally:
+        handle.remove()
+    return seen["h"].float().norm(dim=-1)
+
+
+def latent_attack(model, layer, embeds, mask, codes, eps, steps):
+    """PGD: a perturbation [B, P, D] of the residual stream entering decoder `layer` at the prompt positions, each
+    position's at most eps times that position's norm, that raises the mean log-likelihood of the pictures `codes`
+    [B, N] under the model as it is (membranes on or off). Nothing but the perturbation gets a gradient."""
+    radius = (eps * residual_norms(model, layer, embeds, mask))[..., None]  # [B, P, 1]
+    delta = torch.zeros_like(embeds, dtype=torch.float32)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with torch.enable_grad(), residual_perturbation(model, layer, delta):
+            logits = image_logits(model, embeds, mask, codes)
+            grad, = torch.autograd.grad(F.log_softmax(logits, -1).gather(-1, codes[..., None]).mean(), [delta])
+        with torch.no_grad():  # an ascent step of 2.5 / steps of the radius, projected back onto the ball
+            delta = delta + 2.5 / steps * radius * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            delta = delta * (radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+    return delta.detach()
+
+
+class LatentAdversary(Lever):
+    """--latent-eps (latent adversarial training, Sheshadri, Casper et al. 2024): each step PGD finds an L2-bounded
+    perturbation of the residual stream at the concept prompt's positions that raises the likelihood of the concept's
+    pictures (the teacher's samples) under the membranes; the student's distribution under it is trained towards the
+    erasure target like the concept prompt's. It attacks where a soft prompt acts, at a few passes' cost."""
+    name = "latent"
+
+    def __init__(self, config):
+        self.references = {}  # concept -> the teacher's pictures [R, N]
+
+    def adversaries(self, trainer, step):
+        c, model, batch = trainer.config, trainer.model, step.batch
+        B, layer = c.batch_size, model.config.text_config.num_hidden_layers // 2 if c.latent_layer is None \
+            else c.latent_layer
+        for concept in c.concept:
+            if concept not in self.references:
+                self.references[concept] = teacher_pictures(trainer, concept)
+        picks = [torch.randint(len(self.references[concept]), (), generator=trainer.generator(trainer.first_index + i,
+                                                                                            "latent-adversary"))
+                 for i, (concept, _) in enumerate(batch.picks)]
+        references = torch.stack([self.references[concept][int(k)] for (concept, _), k in zip(batch.picks, picks)])
+        delta = latent_attack(model, layer, batch.cond[:B].detach(), batch.mask[:B], references, c.latent_eps,
+                              c.latent_steps)
+        with residual_perturbation(model, layer, delta.detach()):
+            perturbed = image_logits(model, batch.cond[:B], batch.mask[:B], step.codes["concept"], c.loss == "hidden")
+        uncond_logits = image_logits(model, batch.uncond[:B], batch.mask[:B], step.codes["concept"]) \
+            if c.loss_on == "cfg" else None
+        return [trainer.distribution(perturbed, uncond_logits)]
+
+
 def levers_for(config):
     """The plug-ins a Config switches on, in the order their rows enter the batch."""
     return ([Anchoring(config)] if config.anchor in ("prompts", "latent") else []) + \
-        ([SoftPromptAdversary(config)] if config.adversarial == "soft" else [])
+        ([SoftPromptAdversary(config)] if config.adversarial == "soft" else []) + \
+        ([LatentAdversary(config)] if config.latent_eps > 0 else [])
 
 
 class Trainer:

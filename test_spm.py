@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import attack
@@ -1770,6 +1771,60 @@ def test_adversarial_soft_prompt_enters_the_erase_loss():
         trainer = spm.Trainer(model, tokenizer, membranes, args)
         erase[adversarial] = trainer.step()["erase"]
     assert erase["soft"] != pytest.approx(erase["none"], rel=1e-3)
+
+
+def test_a_residual_perturbation_acts_at_the_prompt_positions_only_and_is_removed_after_an_error():
+    model, tokenizer = tiny()
+    _, cond, _, mask = prompt_batch(model, tokenizer)
+    codes = codes_for(model, tokenizer)
+    with torch.no_grad():
+        before = spm.image_hidden(model, cond, mask, codes)
+        with spm.residual_perturbation(model, 1, torch.zeros_like(cond)):
+            assert torch.equal(spm.image_hidden(model, cond, mask, codes), before)
+        delta = torch.zeros_like(cond)
+        delta[:, -1] = 1.0  # the last prompt position: the image steps after it change, nothing before it
+        with spm.residual_perturbation(model, 1, delta):
+            moved = spm.image_hidden(model, cond, mask, codes)
+            other_batch = spm.image_hidden(model, cond[:1], mask[:1], codes[:1])  # not the perturbed rows
+        assert not torch.allclose(moved, before) and torch.equal(other_batch, before[:1])
+        with pytest.raises(RuntimeError), spm.residual_perturbation(model, 1, delta):
+            raise RuntimeError("inside")
+        assert torch.equal(spm.image_hidden(model, cond, mask, codes), before)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.5])
+def test_the_latent_attack_raises_the_concept_likelihood_within_its_bound(eps):
+    model, tokenizer = tiny()
+    _, cond, _, mask = prompt_batch(model, tokenizer)
+    codes = codes_for(model, tokenizer, seed=3)
+    likelihood = lambda: F.log_softmax(spm.image_logits(model, cond, mask, codes), -1).gather(
+        -1, codes[..., None]).mean().item()
+    norms = spm.residual_norms(model, 1, cond, mask)
+    delta = spm.latent_attack(model, 1, cond, mask, codes, eps, steps=4)
+    assert (delta.norm(dim=-1) <= eps * norms * (1 + 1e-5) + 1e-6).all()
+    assert (delta.norm(dim=-1) >= 0.5 * eps * norms).any()  # it uses its budget
+    base = likelihood()
+    with spm.residual_perturbation(model, 1, delta):
+        attacked = likelihood()
+    assert attacked > base
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_latent_adversarial_training_adds_the_perturbed_rows_to_the_erase_loss():
+    erase, levers = {}, {}
+    for eps in (0.0, 0.5):
+        model, tokenizer = tiny()
+        membranes = spm.attach_membranes(model, tokenizer)
+        randomise(membranes)
+        trainer = spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, latent_eps=eps,
+                                                                        anchor="none", batch_size=2))
+        levers[eps] = [lever.name for lever in trainer.levers]
+        erase[eps] = trainer.step()["erase"]
+    assert levers == {0.0: [], 0.5: ["latent"]}
+    assert erase[0.5] != pytest.approx(erase[0.0], rel=1e-3)
+    model, tokenizer = tiny()
+    with pytest.raises(spm.SPMError, match="--latent-layer 9: this model's decoder has layers 0-1"):
+        train_config(model, tokenizer, latent_eps=0.5, latent_layer=9)
 
 
 @pytest.mark.parametrize("prompt,expected", [
