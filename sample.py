@@ -237,7 +237,7 @@ def evaluate_oracle(args):
     import json as json_
     import toy_janus as toy
 
-    concept = json_.loads((Path(args.oracle) / "config.json").read_text())["toy_world"].get("without")
+    concept = (json_.loads((Path(args.oracle) / "config.json").read_text()).get("toy_world") or {}).get("without")
     if not concept:
         raise spm.SPMError(f"--oracle {args.oracle} was built with every concept: build one with toy_janus.py "
                            f"--without", 2)
@@ -257,8 +257,8 @@ def evaluate_oracle(args):
 
     run = spm.Config(model="toy", concept=concept, concept_type=concept_type).resolved(*models[False])
     print(f"the oracle {args.oracle} (never saw {concept}) as the erased model; the toy model as the base")
-    return evaluation.evaluate(draw, evaluation.eval_prompts(concept_type), judge, args.n, [concept],
-                               run.anchor_prompts, objects, set(run.templates), synonyms, args.json, None,
+    # nothing is anchored in a model retrained without the concept: every other object counts as non-anchored
+    return evaluation.evaluate(draw, evaluation.eval_prompts(concept_type), judge, args.n, [concept], [], objects, set(run.templates), synonyms, args.json, None,
                                concept_type)
 
 

@@ -2096,6 +2096,27 @@ def test_the_oracle_never_sees_its_concept(without):
     assert any(w in p.split() for p in full_prompts for w in words)  # the full world does name it
 
 
+def test_sample_eval_of_the_oracle_judges_it_as_the_erased_model_with_nothing_anchored(monkeypatch, tmp_path):
+    import sample
+    seen = {}
+
+    def evaluate(draw, prompts, judge, n, concepts, anchors, *rest):
+        seen.update(concepts=concepts, anchors=anchors, erased=draw(True, ["a mouse"]), base=draw(False, ["a mouse"]))
+
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    sample.main(["--eval", "--oracle", str(HERE / "toy_model_without_mouse"), "--n", "4"])
+    import toy_janus as toy
+    assert seen["concepts"] == ["mouse"] and seen["anchors"] == []
+    assert [v[0] for v in toy.judge_batch(seen["erased"][0])].count("mouse") == 0
+    assert [v[0] for v in toy.judge_batch(seen["base"][0])].count("mouse") == 4
+    for argv, message in ((["--oracle", str(HERE / "toy_model_without_mouse"), "--ckpt", "runs/m"],
+                           "--oracle goes with --eval and without --ckpt"),
+                          (["--oracle", str(HERE / "toy_model")], "was built with every concept")):
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(["--eval", *argv])
+        assert exit_info.value.code == 2
+
+
 def test_soft_prompt_snapshots_are_the_prompt_after_that_many_steps():
     model, tokenizer = tiny()
     codes = codes_for(model, tokenizer)
