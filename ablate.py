@@ -144,8 +144,8 @@ def table(base, base_asr, results, args, num_prompts, columns=COLUMNS, base_budg
                 or "not run") + f" ({args.n} fresh samples per final prompt).", "",
              "| setting | " + " | ".join(c for c, *_ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     if base_budget is not None:
-        lines.insert(1, f"The soft attack (4 tokens, the mean over 2 restarts, cond likelihood of base pictures) reaches 50% on the "
-                        f"base model after {base_budget} Adam steps (budgets {BUDGETS}; 'never': not within 300).")
+        lines.insert(1, f"The soft attack (4 tokens from random vocabulary words, the mean over 2 restarts, cond "
+                        f"likelihood of base pictures) reaches 50% on the base model after {base_budget} Adam steps (budgets {BUDGETS}; 'never': not within 300).")
     for r in results:
         rows = r["seeds"]
         cells = []
@@ -234,7 +234,10 @@ def main(argv=None):
 
     base_asr = {name: found["asr"] for name, found in attacked("base").items()}
     curve_args = attack.build_parser().parse_args(["--ckpt", "-", "--n", str(args.n), "--soft-budgets", BUDGETS,
-                                                   "--soft-restarts", "2", "--seed", str(args.attack_seed)])
+                                                   "--soft-restarts", "2", "--seed", str(args.attack_seed),
+                                                   # from the concept's own words the base model draws it before
+                                                   # any step: a budget is counted from a start that draws nothing
+                                                   "--soft-init", "vocab"])
     attack.check_args(curve_args)
 
     def curve(on):

@@ -86,8 +86,10 @@ def build_parser():
     g.add_argument("--soft-references", default="base",
                    help="the concept's pictures: base (the base model's samples that the judge calls the concept), "
                         "renders (the toy world's ground-truth pictures), or a .safetensors file with codes [R, N]")
-    g.add_argument("--soft-init", default="vocab", choices=["vocab", "concept"],
-                   help="the soft prompt's start: random vocabulary words, or the concept's own word embeddings")
+    g.add_argument("--soft-init", default="concept", choices=["vocab", "concept"],
+                   help="the soft prompt's start: the concept's own word embeddings (the strongest on erased models; "
+                        "the attacker knows the word), or random vocabulary words (a start that draws nothing: what "
+                        "a budget curve's work is counted from)")
 
     g = parser.add_argument_group("judge and output")
     g.add_argument("--judge", default="toy", choices=["toy", "clip", "janus", "nudenet"], help="as in sample.py --eval")
