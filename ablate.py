@@ -9,6 +9,7 @@ and house are never anchored and measure specificity on concepts nobody protecte
 spm_janus.py's own train() (in this process), then samples every toy prompt (objects and their synonyms x templates)
 with the same evaluation seeds, and evaluation.py's summary turns the exact judge's labels into the figures of the table.
 """
+import dataclasses
 import json
 import re
 import statistics
@@ -181,6 +182,11 @@ def build_parser():
     parser.add_argument("--peers", action="store_true", help="run the peers instead: EAR-style, ESD-style, SPM (the "
                                                              "poster's and today's default) and the oracle, with the "
                                                              "soft attack's budget curve")
+    parser.add_argument("--quick", action="append", default=None, metavar="KEY=VALUE",
+                        help="instead of a table: train today's default with the benchmark's anchors and these Config "
+                             "overrides (repeatable, e.g. latent_eps=0.5; 'default' for none) for each of --seeds from "
+                             "--first-seed, judge it with --n samples per prompt from --eval-seed, and run the soft "
+                             "attack's budget curve; one JSON line per training seed")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
     parser.add_argument("--attack-seed", type=int, default=0, help="seed of attack.py's searches and samples")
     parser.add_argument("--out", default="runs/ablation", help="directory for ablation.md, ablation.json and "
@@ -201,6 +207,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     if args.types:
         return concept_types(args)
+    if args.quick:
+        return quick(args)
     candidates = PEERS if args.peers else SETTINGS + (LEVERS if args.levers or args.only else [])
     exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
     settings = [s for s in candidates if not args.only or s[0] in exact or
@@ -336,6 +344,62 @@ def oracle_row(args, prompts, judge, draw, base_codes, synonyms, attacks, attack
            "curve_300": points[300], "budget_50": attack.budget_at(points), "curve": points,
            "parameters": "all (retrained without it)", "summary": summary}
     return {"setting": f"the oracle: {ORACLE} (the floor)", "settings": {}, "seeds": [row]}
+
+
+def quick_overrides(items):
+    """--quick's KEY=VALUE items as Config overrides: numbers, booleans and JSON lists as such, other values as text."""
+    overrides = {}
+    for item in items:
+        if item == "default":
+            continue
+        key, equals, value = item.partition("=")
+        if not equals or key not in {f.name for f in dataclasses.fields(spm.Config)}:
+            build_parser().error(f"--quick {item!r}: give KEY=VALUE with a Config field as KEY, e.g. latent_eps=0.5")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def quick(args):
+    """--quick: the default with the benchmark's anchors and some overrides, trained through the Trainer, judged and
+    attacked by the soft attack's budget curve, per training seed."""
+    overrides = quick_overrides(args.quick)
+    model, tokenizer = spm.load_model("toy")
+    cfg, temperature = spm.generation_defaults(model)
+    judge = lambda codes, _: [v[0] for v in toy.judge_batch(codes)]
+    seeds = list(range(args.eval_seed, args.eval_seed + args.n))
+    curve_args = attack.build_parser().parse_args(["--ckpt", "-", "--n", "16", "--soft-budgets", BUDGETS,
+                                                   "--soft-restarts", "2", "--seed", str(args.attack_seed),
+                                                   "--soft-init", "vocab"])
+    attack.check_args(curve_args)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        config = spm.Config(model="toy", concept="mouse", seed=seed, **{**ANCHORED, **overrides}).resolved(model,
+                                                                                                         tokenizer)
+        membranes = spm.attach_for(model, tokenizer, config)
+        trainer, started = spm.Trainer(model, tokenizer, membranes, config), time.time()
+        for _ in tqdm(range(config.steps), desc=f"training seed {seed}", leave=False, file=sys.stderr):
+            trainer.step()
+        seconds = time.time() - started
+
+        def draw(enabled, texts):
+            with membranes.switched(enabled):
+                return torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0]
+                                    for t in texts])
+
+        records = evaluation.judge_records(draw, evaluation.eval_prompts(), judge, args.n)
+        summary = evaluation.summarize(records, config.concept, config.anchor_prompts, toy.OBJECTS,
+                                       set(config.templates), {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]})
+        target = attack.Target(model, tokenizer, judge, "mouse", cfg, temperature, 16, seed=args.attack_seed)
+        with membranes.disabled():
+            references = attack.concept_references(target, "mouse", attack.toy_templates(), curve_args.references)
+        with tqdm(total=2, desc="soft attack budgets", leave=False, file=sys.stderr) as progress:
+            points = attack.soft_curve(target, references, curve_args, "mouse", progress)[4]
+        membranes.detach()
+        print(json.dumps({"overrides": overrides, "seed": seed, "seconds": round(seconds),
+                          **flat_figures(summary["mouse"]), "dog": summary["mouse"]["per_object"]["dog"]["erased"],
+                          "curve": points, "budget_50": attack.budget_at(points)}), flush=True)
 
 
 def concept_types(args):

@@ -2117,6 +2117,16 @@ def test_sample_eval_of_the_oracle_judges_it_as_the_erased_model_with_nothing_an
         assert exit_info.value.code == 2
 
 
+def test_ablate_quick_reads_config_overrides_and_refuses_other_keys(capsys):
+    import ablate
+    assert ablate.quick_overrides(["default", "latent_eps=0.5", "scope=image", "steps=20", "anchor_prompts=[\"cat\"]"]) \
+        == {"latent_eps": 0.5, "scope": "image", "steps": 20, "anchor_prompts": ["cat"]}
+    for bad in ("latent-eps=0.5", "foo=1", "steps"):
+        with pytest.raises(SystemExit) as exit_info:
+            ablate.quick_overrides([bad])
+        assert exit_info.value.code == 2 and f"--quick {bad!r}" in capsys.readouterr().err
+
+
 def test_soft_prompt_snapshots_are_the_prompt_after_that_many_steps():
     model, tokenizer = tiny()
     codes = codes_for(model, tokenizer)
