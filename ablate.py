@@ -117,6 +117,23 @@ PEER_COLUMNS = [("mouse, held-out %", "held_out_rate", 100, 1), ("mouse, synonym
                 ("trainable parameters", "parameters", 1, 0), ("train s", "seconds", 1, 0)]
 
 
+def budget_curve_args(n, attack_seed):
+    """attack.py's arguments of the budget curves: BUDGETS, 4 tokens, the mean over 2 restarts, from random words
+    (from the concept's own words the base model draws it before any step: a budget is counted from a start that
+    draws nothing)."""
+    args = attack.build_parser().parse_args(["--ckpt", "-", "--n", str(n), "--soft-budgets", BUDGETS,
+                                             "--soft-restarts", "2", "--seed", str(attack_seed), "--soft-init", "vocab"])
+    attack.check_args(args)
+    return args
+
+
+def budget_curve(target, references, curve_args, desc="soft attack budgets"):
+    """The soft attack's ASR at every budget against `target` as it is now, and its 50% budget."""
+    with tqdm(total=curve_args.soft_restarts, desc=desc, leave=False, file=sys.stderr) as progress:
+        points = attack.soft_curve(target, references, curve_args, "mouse", progress)[4]
+    return {"curve_300": points[300], "budget_50": attack.budget_at(points), "curve": points}
+
+
 def flat_figures(summary):
     """The per-seed figures of one setting that the table shows, from evaluation.summarize()'s summary of mouse."""
     return {"trained_rate": summary["trained_rate"], "held_out_rate": summary["held_out_rate"],
@@ -241,18 +258,8 @@ def main(argv=None):
                 for name in attacks}
 
     base_asr = {name: found["asr"] for name, found in attacked("base").items()}
-    curve_args = attack.build_parser().parse_args(["--ckpt", "-", "--n", str(args.n), "--soft-budgets", BUDGETS,
-                                                   "--soft-restarts", "2", "--seed", str(args.attack_seed),
-                                                   # from the concept's own words the base model draws it before
-                                                   # any step: a budget is counted from a start that draws nothing
-                                                   "--soft-init", "vocab"])
-    attack.check_args(curve_args)
-
-    def curve(on):
-        """The soft attack's ASR at every budget against `on` (a Target) as it is now, and its 50% budget."""
-        with tqdm(total=1, desc="soft attack budgets", leave=False, file=sys.stderr) as progress:
-            points = attack.soft_curve(on, references, curve_args, "mouse", progress)[4]
-        return {"curve_300": points[300], "budget_50": attack.budget_at(points), "curve": points}
+    curve_args = budget_curve_args(args.n, args.attack_seed)
+    curve = lambda on: budget_curve(on, references, curve_args)  # noqa: E731
 
     base_curve = curve(target) if args.peers else None
     figure_prompts = ["a mouse", "a rodent", "a cat", "a dog"]
@@ -335,14 +342,12 @@ def oracle_row(args, prompts, judge, draw, base_codes, synonyms, attacks, attack
     target = attack.Target(oracle, tokenizer, judge, "mouse", cfg, temperature, args.n, seed=args.attack_seed)
     found = {name: attack.run_attack(name, target, references, ["mouse"], [], templates, attack_args, "oracle")[0]
              for name in attacks}
-    with tqdm(total=1, desc="soft attack budgets (oracle)", leave=False, file=sys.stderr) as progress:
-        points = attack.soft_curve(target, references, curve_args, "mouse", progress)[4]
+    oracle_curve = budget_curve(target, references, curve_args, "soft attack budgets (oracle)")
     figure_rows.append(("oracle (never learned the mouse)", spm.sample_prompts(oracle, tokenizer, figure_prompts,
                                                                                [seeds[0]], cfg, temperature)[:, 0]))
     row = {**flat_figures(summary), "discrete_asr": found.get("discrete", {}).get("asr"),
            "discrete_mean": found.get("discrete", {}).get("mean_rate"), "soft_asr": found.get("soft", {}).get("asr"),
-           "curve_300": points[300], "budget_50": attack.budget_at(points), "curve": points,
-           "parameters": "all (retrained without it)", "summary": summary}
+           **oracle_curve, "parameters": "all (retrained without it)", "summary": summary}
     return {"setting": f"the oracle: {ORACLE} (the floor)", "settings": {}, "seeds": [row]}
 
 
@@ -370,10 +375,7 @@ def quick(args):
     cfg, temperature = spm.generation_defaults(model)
     judge = lambda codes, _: [v[0] for v in toy.judge_batch(codes)]
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))
-    curve_args = attack.build_parser().parse_args(["--ckpt", "-", "--n", "16", "--soft-budgets", BUDGETS,
-                                                   "--soft-restarts", "2", "--seed", str(args.attack_seed),
-                                                   "--soft-init", "vocab"])
-    attack.check_args(curve_args)
+    curve_args = budget_curve_args(16, args.attack_seed)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         config = spm.Config(model="toy", concept="mouse", seed=seed, **{**ANCHORED, **overrides}).resolved(model,
                                                                                                          tokenizer)
@@ -394,12 +396,11 @@ def quick(args):
         target = attack.Target(model, tokenizer, judge, "mouse", cfg, temperature, 16, seed=args.attack_seed)
         with membranes.disabled():
             references = attack.concept_references(target, "mouse", attack.toy_templates(), curve_args.references)
-        with tqdm(total=2, desc="soft attack budgets", leave=False, file=sys.stderr) as progress:
-            points = attack.soft_curve(target, references, curve_args, "mouse", progress)[4]
+        curve = budget_curve(target, references, curve_args)
         membranes.detach()
         print(json.dumps({"overrides": overrides, "seed": seed, "seconds": round(seconds),
                           **flat_figures(summary["mouse"]), "dog": summary["mouse"]["per_object"]["dog"]["erased"],
-                          "curve": points, "budget_50": attack.budget_at(points)}), flush=True)
+                          "curve": curve["curve"], "budget_50": curve["budget_50"]}), flush=True)
 
 
 def concept_types(args):

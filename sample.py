@@ -258,8 +258,8 @@ def evaluate_oracle(args):
     run = spm.Config(model="toy", concept=concept, concept_type=concept_type).resolved(*models[False])
     print(f"the oracle {args.oracle} (never saw {concept}) as the erased model; the toy model as the base")
     # nothing is anchored in a model retrained without the concept: every other object counts as non-anchored
-    return evaluation.evaluate(draw, evaluation.eval_prompts(concept_type), judge, args.n, [concept], [], objects, set(run.templates), synonyms, args.json, None,
-                               concept_type)
+    return evaluation.evaluate(draw, evaluation.eval_prompts(concept_type), judge, args.n, [concept], [], objects,
+                               set(run.templates), synonyms, args.json, None, concept_type)
 
 
 def main(argv=None):
