@@ -173,6 +173,9 @@ class Config:
     adversarial_every: int = setting(10, "steps between attacks of --adversarial", "robustness", least=1)
     adversarial_steps: int = setting(20, "Adam steps of each attack", "robustness", least=0)
     adversarial_tokens: int = setting(4, "soft prompt length of --adversarial soft", "robustness", least=1)
+    adversary_pool: int = setting(1, "soft prompts kept per concept (a replay buffer from distinct random starts): "
+                                  "each attack re-optimises the next one in turn, warm, and every step trains against "
+                                  "all of them (1 = one warm-started prompt)", "robustness", least=1)
     latent_eps: float = setting(0.0, "latent adversarial training: each step a perturbation of the residual stream at "
                                 "the concept prompt's positions, each at most this share of that position's norm, is "
                                 "found by PGD to bring the concept back and is trained away (0 = off)", "robustness",
@@ -1192,11 +1195,13 @@ def teacher_pictures(trainer, concept):
 class SoftPromptAdversary(Lever):
     """--adversarial soft (AdvUnlearn-style): every --adversarial-every steps a soft prompt per concept is optimised
     against the current membranes to draw the concept's pictures (the teacher's samples), warm-started from the last
-    one; the student's distribution on it is trained towards the erasure target like the concept prompt's."""
+    one; the student's distribution on it is trained towards the erasure target like the concept prompt's. With
+    --adversary-pool K the concept keeps K prompts from distinct random starts, each attack re-optimises the next in
+    turn, and the student is trained on every one of them: a population, not one prompt the membranes can outrun."""
     name = "soft"
 
     def __init__(self, config):
-        self.soft, self.references = {}, {}  # concept -> soft prompt [tokens, D], its pictures [R, N]
+        self.pool, self.references = {}, {}  # concept -> its soft prompts [[tokens, D], ...], its pictures [R, N]
 
     def adversaries(self, trainer, step):
         c, model, tokenizer = trainer.config, trainer.model, trainer.tokenizer
@@ -1204,25 +1209,31 @@ class SoftPromptAdversary(Lever):
             if concept not in self.references:
                 self.references[concept] = teacher_pictures(trainer, concept)
             if trainer.step_count % c.adversarial_every == 0:
+                pool = self.pool.setdefault(concept, [])
+                slot = trainer.step_count // c.adversarial_every % c.adversary_pool
                 generator = torch.Generator().manual_seed(derived_seed(c.seed, trainer.step_count, concept, "soft"))
-                init = self.soft[concept].to(trainer.device) if concept in self.soft else None
+                init = pool[slot].to(trainer.device) if slot < len(pool) else None  # a new slot: a random start
                 with torch.enable_grad():
-                    self.soft[concept], _ = optimise_soft_prompt(
+                    soft, _ = optimise_soft_prompt(
                         model, tokenizer, self.references[concept], c.adversarial_tokens, c.adversarial_steps, 1e-2,
                         c.cfg, c.temperature, generator, init)
-        inputs = [soft_prompt_inputs(model, tokenizer, self.soft[concept].to(trainer.device))
-                  for concept, _ in step.batch.picks]
+                pool[slot:slot + 1] = [soft]
+        members = min(len(self.pool[concept]) for concept, _ in step.batch.picks)
+        inputs = [soft_prompt_inputs(model, tokenizer, self.pool[concept][m].to(trainer.device))
+                  for m in range(members) for concept, _ in step.batch.picks]
         cond, uncond, mask = (torch.cat(parts) for parts in zip(*inputs))
-        codes = step.codes["concept"]
+        B, codes = len(step.batch.picks), step.codes["concept"]
         hidden = c.loss == "hidden"
-        uncond_logits = image_logits(model, uncond, mask, codes) if c.loss_on == "cfg" else None
-        return [trainer.distribution(image_logits(model, cond, mask, codes, hidden), uncond_logits)]
+        # the unconditional row pads the soft positions, so it is the same for every member: one pass for all
+        uncond_logits = image_logits(model, uncond[:B], mask[:B], codes) if c.loss_on == "cfg" else None
+        logits = image_logits(model, cond, mask, codes.repeat(members, 1), hidden).split(B)
+        return [trainer.distribution(part, uncond_logits) for part in logits]
 
     def state_dict(self):
-        return {"soft": {c: t.cpu() for c, t in self.soft.items()}}
+        return {"soft": {c: torch.stack(pool).cpu() for c, pool in self.pool.items()}}
 
-    def load_state_dict(self, state):
-        self.soft = dict(state.get("soft", {}))
+    def load_state_dict(self, state):  # a checkpoint of one warm-started prompt holds [tokens, D]
+        self.pool = {c: list(t) if t.dim() == 3 else [t] for c, t in state.get("soft", {}).items()}
 
 
 @contextlib.contextmanager

@@ -1688,12 +1688,43 @@ def test_adversarial_soft_training_attacks_every_k_steps_and_resumes(tmp_path):
     seen = []
     for _ in range(3):
         trainer.step()
-        seen.append(trainer.levers[0].soft["mouse"].clone())
+        seen.append(trainer.levers[0].pool["mouse"][0].clone())
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])  # attacked at steps 0 and 2
     state = trainer.state_dict()
     resumed = spm.Trainer(model, tokenizer, membranes, args)
     resumed.load_state_dict(state)
-    assert torch.equal(resumed.levers[0].soft["mouse"], seen[2])
+    assert torch.equal(resumed.levers[0].pool["mouse"][0], seen[2])
+
+
+def test_adversary_pool_refreshes_one_prompt_in_turn_and_trains_on_all(tmp_path):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    args = train_config(model, tokenizer, adversarial="soft", adversarial_every=1, adversarial_steps=2, anchor="none",
+                        batch_size=1, adversary_pool=2)
+    trainer = spm.Trainer(model, tokenizer, membranes, args)
+    lever, seen, counts = trainer.levers[0], [], []
+    original = lever.adversaries
+
+    def counted(*args):
+        distributions = original(*args)
+        counts.append(len(distributions))
+        return distributions
+
+    lever.adversaries = counted
+    for _ in range(3):
+        trainer.step()
+        seen.append([p.clone() for p in lever.pool["mouse"]])
+    assert counts == [1, 2, 2]  # the student is trained on every prompt in the pool
+    assert not torch.equal(seen[1][0], seen[1][1])  # distinct random starts
+    assert torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[1][0], seen[2][0])  # slot 0 at steps 0, 2
+    assert torch.equal(seen[1][1], seen[2][1])
+    state = trainer.state_dict()
+    resumed = spm.Trainer(model, tokenizer, membranes, args)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.levers[0].pool["mouse"], seen[2]))
+    legacy = spm.Trainer(model, tokenizer, membranes, dataclasses.replace(args, adversary_pool=1))
+    legacy.load_state_dict({**state, "levers": {"soft": {"soft": {"mouse": seen[2][0]}}}})  # one prompt [tokens, D]
+    assert len(legacy.levers[0].pool["mouse"]) == 1 and torch.equal(legacy.levers[0].pool["mouse"][0], seen[2][0])
 
 
 @pytest.fixture(scope="module")
