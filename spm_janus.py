@@ -176,6 +176,11 @@ class Config:
     adversary_pool: int = setting(1, "soft prompts kept per concept (a replay buffer from distinct random starts): "
                                   "each attack re-optimises the next one in turn, warm, and every step trains against "
                                   "all of them (1 = one warm-started prompt)", "robustness", least=1)
+    adversary_codes: str = setting("rollout", "image tokens the adversaries' rows (--adversarial, --latent-eps) are "
+                                   "teacher-forced on: rollout = the concept rows' own; concept = per row one of the "
+                                   "teacher's concept pictures the adversary is optimised to draw, with the teacher's "
+                                   "target there (trained where the attack succeeds)", "robustness",
+                                   choices=("rollout", "concept"))
     latent_eps: float = setting(0.0, "latent adversarial training: each step a perturbation of the residual stream at "
                                 "the concept prompt's positions, each at most this share of that position's norm, is "
                                 "found by PGD to bring the concept back and is trained away (0 = off)", "robustness",
@@ -1130,9 +1135,9 @@ class Step(NamedTuple):
 
 class Lever:
     """A plug-in of Trainer.step; override what it needs. prompts(): prompts it adds to the batch (sampled, with
-    teacher and student logits under its name); edit(): changes its rows' input embeddings; adversaries(): student
-    distributions to be erased like the concept prompt's; loss(): its own term, added with `weight`. Its state is
-    saved with the trainer for --resume."""
+    teacher and student logits under its name); edit(): changes its rows' input embeddings; adversaries(): pairs
+    (student distribution, erasure target) erased like the concept prompt's; loss(): its own term, added with
+    `weight`. Its state is saved with the trainer for --resume."""
     name, weight, stream = "lever", 1.0, None  # stream: offset of its rows' sample indices in the rollout noise
 
     def prompts(self, trainer, picks):
@@ -1192,6 +1197,22 @@ def teacher_pictures(trainer, concept):
                               list(range(max(1, -(-8 // len(c.templates))))), c.cfg, c.temperature).flatten(0, 1)
 
 
+def adversary_pictures(trainer, step, references):
+    """What the adversaries' rows are teacher-forced on, (codes [B, N], erasure target): the concept rows' rollout
+    and the step's target, or (--adversary-codes concept) per row one of the concept's `references` pictures and the
+    teacher's target on it: where an attack that draws the concept has to pass."""
+    c, batch = trainer.config, step.batch
+    if c.adversary_codes == "rollout":
+        return step.codes["concept"], step.target
+    picks = [int(torch.randint(len(references[concept]), (),
+                               generator=trainer.generator(trainer.first_index + i, "adversary-codes")))
+             for i, (concept, _) in enumerate(batch.picks)]
+    codes = torch.stack([references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
+    with torch.no_grad(), trainer.membranes.disabled():
+        teacher = trainer.distributions(batch, {**step.codes, "concept": codes}, ["concept", "surrogate"])
+    return codes, erasure_target(teacher["concept"], teacher["surrogate"], c.eta)
+
+
 class SoftPromptAdversary(Lever):
     """--adversarial soft (AdvUnlearn-style): every --adversarial-every steps a soft prompt per concept is optimised
     against the current membranes to draw the concept's pictures (the teacher's samples), warm-started from the last
@@ -1222,12 +1243,12 @@ class SoftPromptAdversary(Lever):
         inputs = [soft_prompt_inputs(model, tokenizer, self.pool[concept][m].to(trainer.device))
                   for m in range(members) for concept, _ in step.batch.picks]
         cond, uncond, mask = (torch.cat(parts) for parts in zip(*inputs))
-        B, codes = len(step.batch.picks), step.codes["concept"]
+        B, (codes, target) = len(step.batch.picks), adversary_pictures(trainer, step, self.references)
         hidden = c.loss == "hidden"
         # the unconditional row pads the soft positions, so it is the same for every member: one pass for all
         uncond_logits = image_logits(model, uncond[:B], mask[:B], codes) if c.loss_on == "cfg" else None
         logits = image_logits(model, cond, mask, codes.repeat(members, 1), hidden).split(B)
-        return [trainer.distribution(part, uncond_logits) for part in logits]
+        return [(trainer.distribution(part, uncond_logits), target) for part in logits]
 
     def state_dict(self):
         return {"soft": {c: torch.stack(pool).cpu() for c, pool in self.pool.items()}}
@@ -1310,13 +1331,15 @@ class LatentAdversary(Lever):
                                                                                             "latent-adversary"))
                  for i, (concept, _) in enumerate(batch.picks)]
         references = torch.stack([self.references[concept][int(k)] for (concept, _), k in zip(batch.picks, picks)])
+        codes, target = adversary_pictures(trainer, step, self.references)
+        if c.adversary_codes == "concept":  # attacked on the pictures it is trained on
+            references = codes
         delta = latent_attack(model, layer, batch.cond[:B].detach(), batch.mask[:B], references, c.latent_eps,
                               c.latent_steps)
         with residual_perturbation(model, layer, delta.detach()):
-            perturbed = image_logits(model, batch.cond[:B], batch.mask[:B], step.codes["concept"], c.loss == "hidden")
-        uncond_logits = image_logits(model, batch.uncond[:B], batch.mask[:B], step.codes["concept"]) \
-            if c.loss_on == "cfg" else None
-        return [trainer.distribution(perturbed, uncond_logits)]
+            perturbed = image_logits(model, batch.cond[:B], batch.mask[:B], codes, c.loss == "hidden")
+        uncond_logits = image_logits(model, batch.uncond[:B], batch.mask[:B], codes) if c.loss_on == "cfg" else None
+        return [(trainer.distribution(perturbed, uncond_logits), target)]
 
 
 def levers_for(config):
@@ -1363,8 +1386,9 @@ class Trainer:
         target = erasure_target(teacher["concept"], teacher["surrogate"], c.eta)
         student = self.distributions(batch, codes, batch.groups)  # one teacher-forced pass with gradients
         step = Step(batch, codes, teacher, student, target)
-        erased = [student["concept"]] + [d for lever in self.levers for d in lever.adversaries(self, step)]
-        terms = {"erase": sum(divergence(d, target, c.loss, c.kl_direction) for d in erased) / len(erased)}
+        erased = [(student["concept"], target)] + [pair for lever in self.levers
+                                                   for pair in lever.adversaries(self, step)]
+        terms = {"erase": sum(divergence(d, t, c.loss, c.kl_direction) for d, t in erased) / len(erased)}
         loss = terms["erase"]
         for lever in self.levers:
             term = lever.loss(self, step)

@@ -1858,6 +1858,38 @@ def test_latent_adversarial_training_adds_the_perturbed_rows_to_the_erase_loss()
         train_config(model, tokenizer, latent_eps=0.5, latent_layer=9)
 
 
+@pytest.mark.parametrize("kind", ["soft", "latent"])
+def test_adversary_codes_concept_trains_the_adversaries_on_the_teachers_concept_pictures(kind):
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer)
+    randomise(membranes)
+    lever = dict(adversarial="soft", adversarial_steps=2) if kind == "soft" else dict(latent_eps=0.5)
+    config = train_config(model, tokenizer, anchor="none", batch_size=2, adversary_codes="concept", **lever)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
+    adversary, seen = trainer.levers[0], {}
+    original = adversary.adversaries
+
+    def kept(trainer, step):
+        seen["step"], seen["pairs"] = step, original(trainer, step)
+        seen["pictures"] = spm.adversary_pictures(trainer, step, adversary.references)
+        return seen["pairs"]
+
+    adversary.adversaries = kept
+    trainer.step()
+    step, ((_, target),) = seen["step"], seen["pairs"]
+    codes, same = seen["pictures"]
+    assert torch.equal(target, same)
+    references = adversary.references["mouse"]
+    assert all(any(torch.equal(row, r) for r in references) for row in codes)  # the teacher's concept pictures
+    assert not torch.equal(codes, step.codes["concept"])
+    with torch.no_grad(), membranes.disabled():  # the teacher's target on them, by hand
+        cond, mask = step.batch.cond[:2], step.batch.mask[:2]
+        concept = spm.image_logits(model, cond, mask, codes)
+        empty = spm.image_logits(model, step.batch.uncond[:2], mask, codes)
+    assert torch.allclose(target, spm.erasure_target(concept, empty, config.eta), atol=1e-5)
+    assert not torch.allclose(target, step.target, atol=1e-3)
+
+
 @pytest.mark.parametrize("prompt,expected", [
     ("a photo of Mickey Mouse", ("Mickey Mouse", "Mickey Mouse", "a photo of {}")),
     ("a red rodent", ("mouse", "rodent", "a red {}")), ("a mouse", ("mouse", "mouse", "a {}")),
