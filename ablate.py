@@ -204,6 +204,12 @@ def build_parser():
                              "overrides (repeatable, e.g. latent_eps=0.5; 'default' for none) for each of --seeds from "
                              "--first-seed, judge it with --n samples per prompt from --eval-seed, and run the soft "
                              "attack's budget curve; one JSON line per training seed")
+    parser.add_argument("--depth", nargs="+", default=None, metavar="JSONL",
+                        help="instead of a run: the per-seed table of --quick's JSON lines (files of its output) and "
+                             "the trade-off plot of the soft attack's ASR at 100 and 300 steps against non-anchored "
+                             "retention, with the peers of --peer-results and the oracle, into --out")
+    parser.add_argument("--peer-results", nargs="*", default=[], metavar="JSON",
+                        help="ablation.json files of --peers runs, drawn on the --depth plot")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
     parser.add_argument("--attack-seed", type=int, default=0, help="seed of attack.py's searches and samples")
     parser.add_argument("--out", default="runs/ablation", help="directory for ablation.md, ablation.json and "
@@ -221,6 +227,8 @@ def main(argv=None):
                                ("--first-seed", args.first_seed, 0)):
         if value < least:
             build_parser().error(f"{flag} {value} must be at least {least}")
+    if args.depth:
+        return depth_table(args)
     torch.set_num_threads(1)
     if args.types:
         return concept_types(args)
@@ -401,6 +409,81 @@ def quick(args):
         print(json.dumps({"overrides": overrides, "seed": seed, "seconds": round(seconds),
                           **flat_figures(summary["mouse"]), "dog": summary["mouse"]["per_object"]["dog"]["erased"],
                           "curve": curve["curve"], "budget_50": curve["budget_50"]}), flush=True)
+
+
+def setting_name(overrides):
+    """A --quick setting as its flags."""
+    return " ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in overrides.items()) or "today's default"
+
+
+def depth_table(args):
+    """--depth: --quick's JSON lines as one row per setting and training seed (README's depth table), and the
+    trade-off plot with the peers and the oracle."""
+    rows = [json.loads(line) for path in args.depth for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        build_parser().error(f"--depth {' '.join(args.depth)}: no JSON lines; give files of --quick's output")
+    settings = list(dict.fromkeys(setting_name(r["overrides"]) for r in rows))
+    rows.sort(key=lambda r: (settings.index(setting_name(r["overrides"])), r["seed"]))
+    pct = lambda v: f"{100 * v:.1f}"
+    lines = ["| setting | training seed | mouse, trained / held-out / synonyms % | anchored kept % | non-anchored kept "
+             "% (dog) | coherence % | soft ASR % at 10 / 30 / 100 / 300 steps | steps to 50% | train s |",
+             "|---" * 9 + "|"]
+    for r in rows:
+        curve = " / ".join(f"{100 * r['curve'][b]:.0f}" for b in BUDGETS.split(","))
+        lines.append(f"| {setting_name(r['overrides'])} | {r['seed']} | {pct(r['trained_rate'])} / "
+                     f"{pct(r['held_out_rate'])} / {pct(r['synonyms_rate'])} | {pct(r['anchored_kept'])} | "
+                     f"{pct(r['non_anchored_kept'])} ({pct(r['dog'])}) | {pct(r['coherence'])} | {curve} | "
+                     f"{r['budget_50'] or 'never'} | {r['seconds']} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "depth.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    points = [(name.replace("`", ""), [(r["non_anchored_kept"], r["curve"]) for r in rows
+                                       if setting_name(r["overrides"]) == name]) for name in settings]
+    peers = {}  # label -> its seeds, over every --peer-results file
+    for path in args.peer_results:
+        for r in json.loads(Path(path).read_text())["results"]:
+            if "today's default" not in r["setting"]:  # ours is a --quick row
+                peers.setdefault(r["setting"].split(":")[0].split(" (")[0], []).extend(
+                    (s["non_anchored_kept"], s["curve"]) for s in r["seeds"])
+    points += list(peers.items())
+    tradeoff_plot(points, out / "depth.png")
+    print(f"wrote {out / 'depth.md'} and {out / 'depth.png'}", file=sys.stderr)
+
+
+def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
+    """A PNG, one panel per budget: the soft attack's ASR against non-anchored retention, one colour per setting
+    (points: [(label, [(non_anchored_kept, curve), ...]), ...]); dashed, the targets (95% kept; 30% ASR at 300)."""
+    from PIL import Image, ImageDraw
+    colours = [(200, 30, 30), (30, 30, 200), (30, 150, 30), (200, 120, 0), (140, 0, 160), (0, 150, 160),
+               (120, 120, 120), (90, 60, 20), (230, 0, 130), (0, 0, 0)]
+    margin, legend, low = 50, 300, 0.5
+    image = Image.new("RGB", (len(budgets) * (size + margin) + margin + legend, size + 2 * margin), "white")
+    draw = ImageDraw.Draw(image)
+    for p, budget in enumerate(budgets):
+        left, top = margin + p * (size + margin), margin
+        x = lambda kept: left + size * (max(kept, low) - low) / (1 - low)  # noqa: E731
+        y = lambda asr: top + size * (1 - asr)  # noqa: E731
+        draw.rectangle([left, top, left + size, top + size], outline="black")
+        draw.text((left, top - 30), f"soft attack ASR at {budget} Adam steps", fill="black")
+        draw.text((left + size // 2 - 80, top + size + 22), "non-anchored objects kept", fill="black")
+        for v in (low, 0.75, 0.95, 1.0):
+            draw.text((x(v) - 10, top + size + 6), f"{v:.0%}", fill="black")
+        for a in (0, 0.3, 0.5, 1):
+            draw.text((left - 36, y(a) - 6), f"{a:.0%}", fill="black")
+        for k in range(0, size, 8):  # the targets, dashed
+            draw.line([x(0.95), top + k, x(0.95), top + k + 4], fill=(150, 150, 150))
+            if budget == "300":
+                draw.line([left + k, y(0.3), left + k + 4, y(0.3)], fill=(150, 150, 150))
+        for i, (label, found) in enumerate(points):
+            colour = colours[i % len(colours)]
+            for kept, curve in found:
+                px, py = x(kept), y(curve[budget])
+                draw.ellipse([px - 4, py - 4, px + 4, py + 4], outline=colour, width=2)
+    for i, (label, _) in enumerate(points):
+        draw.text((margin + len(budgets) * (size + margin), margin + 16 * i), f"o {label}",
+                  fill=colours[i % len(colours)])
+    image.save(path)
 
 
 def concept_types(args):
