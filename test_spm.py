@@ -2190,6 +2190,29 @@ def test_ablate_quick_reads_config_overrides_and_refuses_other_keys(capsys):
         assert exit_info.value.code == 2 and f"--quick {bad!r}" in capsys.readouterr().err
 
 
+def test_ablate_depth_tables_every_seed_and_plots_the_peers(tmp_path, capsys):
+    import ablate
+    from PIL import Image
+    curve = {"0": 0.0, "10": 0.0, "30": 0.25, "100": 0.5, "300": 1.0}
+    line = dict(trained_rate=0.0, held_out_rate=0.0625, synonyms_rate=0.125, anchored_kept=0.975, non_anchored_kept=0.8,
+                non_anchored_retention=0.8, coherence=0.5, H=0.5, dog=0.25, curve=curve, budget_50=100, seconds=99)
+    quick = tmp_path / "quick.jsonl"
+    quick.write_text("\n".join(json.dumps({"overrides": o, "seed": seed, **line})
+                               for o, seed in (({"adversary_pool": 4}, 1), ({}, 0), ({"adversary_pool": 4}, 0))))
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps({"results": [{"setting": "the oracle: x (the floor)", "seeds": [
+        {"non_anchored_kept": 1.0, "curve": {b: 0.0 for b in curve}}]}]}))
+    ablate.main(["--depth", str(quick), "--peer-results", str(peers), "--out", str(tmp_path / "out")])
+    rows = [r for r in (tmp_path / "out" / "depth.md").read_text().splitlines()[2:]]
+    assert rows == [row for row in capsys.readouterr().out.splitlines()[2:]]
+    assert [r.split(" | ")[:2] for r in rows] == [["| `--adversary-pool 4`", "0"], ["| `--adversary-pool 4`", "1"],
+                                                   ["| today's default", "0"]]  # by setting in order seen, then seed
+    assert rows[2] == "| today's default | 0 | 0.0 / 6.2 / 12.5 | 97.5 | 80.0 (25.0) | 50.0 | 0 / 25 / 50 / 100 | 100 | 99 |"
+    image = Image.open(tmp_path / "out" / "depth.png").convert("RGB")
+    # the oracle (the third legend row) drawn at 100% kept, 0% ASR: its colour at the bottom right of a panel
+    assert image.getpixel((50 + 340, 50 + 340 - 4)) == (30, 150, 30)
+
+
 def test_soft_prompt_snapshots_are_the_prompt_after_that_many_steps():
     model, tokenizer = tiny()
     codes = codes_for(model, tokenizer)
