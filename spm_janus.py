@@ -33,6 +33,7 @@ import torch.nn.functional as F
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LAYER_CHOICES = {"attn": ATTN_MODULES, "mlp": MLP_MODULES, "attn+mlp": ATTN_MODULES + MLP_MODULES}
+SCOPES = ("prompt", "image", "prompt+image", "all")  # where membranes act: see Config.scope
 DEFAULT_TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of a {}")
 # Concepts kept intact by prompt anchoring when --anchor-prompts is not given; the erased ones are dropped from it.
 COMMON_CONCEPTS = ("person", "cat", "dog", "bird", "fish", "horse", "mouse", "car", "tree", "house",
@@ -132,9 +133,9 @@ class Config:
                                   "membranes", type=str)
     mlp_layer_ids: str = setting(None, "decoder layers whose MLP gets membranes (default: all)", "membranes", type=str)
     scope: str = setting("prompt", "where the membranes act in a prompt that draws an image: its text positions "
-                         "(erased best on the toy), its image positions (from <begin_of_image>), or all; under prompt "
-                         "and image, understanding and text stay the base model's", "membranes",
-                         choices=("prompt", "image", "all"))
+                         "(erased best on the toy), its image positions (from <begin_of_image>), both (prompt+image), "
+                         "or all positions of every pass; under all but all, understanding and text stay the base "
+                         "model's", "membranes", choices=SCOPES)
     rank: int = setting(1, "membrane rank (SPM: 1); full = the full rank of every wrapped Linear, a full-rank delta "
                         "(what ESD and EAR fine-tune)", "membranes", type=rank_value)
     alpha: float = setting(1.0, "the delta is scaled by alpha / rank", "membranes")
@@ -391,10 +392,10 @@ class Membranes:
     the base model: that is the teacher."""
 
     def __init__(self, model, names, rank=1, alpha=1.0, scope="image", image_token_ids=None, seed=0):
-        if scope not in ("image", "prompt", "all"):
-            raise SPMError(f"unknown scope {scope!r}: use image, prompt or all", 2)
+        if scope not in SCOPES:
+            raise SPMError(f"unknown scope {scope!r}: use {', '.join(SCOPES)}", 2)
         if scope != "all" and image_token_ids is None:
-            raise SPMError("scope image/prompt needs the ids of <begin_of_image> and <end_of_image>", 2)
+            raise SPMError(f"scope {scope} needs the ids of <begin_of_image> and <end_of_image>", 2)
         self.model, self.names, self.rank, self.alpha, self.scope = model, list(names), rank, alpha, scope
         self.image_token_ids, self.state, self.modules = image_token_ids, MembraneState(), {}
         for name in self.names:
@@ -410,7 +411,7 @@ class Membranes:
     def _set_gate(self, module, args, kwargs):
         """A row draws an image when its last <begin_of_image> is not closed by an <end_of_image> (an image given
         to understand sits between the two). Its image positions start AT <begin_of_image>, whose output predicts
-        the first image token; rows that draw nothing (text, understanding) get no membrane under either scope."""
+        the first image token; rows that draw nothing (text, understanding) get no membrane under any gated scope."""
         embeds = kwargs.get("inputs_embeds")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -435,7 +436,8 @@ class Membranes:
         drawing = last_begin > last_end
         image = drawing[:, None] & (index[None] >= last_begin[:, None])
         self._drawing = (drawing, bool(drawing.all()), bool(drawing.any()))  # host syncs once per prompt, not step
-        gate = image if self.scope == "image" else drawing[:, None] & ~image
+        gate = {"image": image, "prompt": drawing[:, None] & ~image,
+                "prompt+image": drawing[:, None].expand(batch, length)}[self.scope]
         self.state.gate = gate[..., None].to(torch.float32)
 
     def merge(self):
@@ -1602,7 +1604,7 @@ def read_checkpoint(path):
         for key in ("config", "modules", "model_signature"):
             metadata[key] = json.loads(metadata[key])
         metadata["rank"] == "full" or int(metadata["rank"]), float(metadata["alpha"]), int(metadata["step"])
-        assert metadata["scope"] in ("image", "prompt", "all") and isinstance(metadata["config"], dict)
+        assert metadata["scope"] in SCOPES and isinstance(metadata["config"], dict)
     except (KeyError, ValueError, TypeError, AssertionError):
         raise SPMError(f"{path}: missing or invalid spm-janus metadata: not a membranes file of spm_janus.py", 2) from None
     return tensors, metadata

@@ -162,7 +162,7 @@ class Recorder(LogitsProcessor):
 
 
 @pytest.mark.parametrize("membranes_on", [False, True])
-@pytest.mark.parametrize("scope", ["image", "prompt", "all"])
+@pytest.mark.parametrize("scope", ["image", "prompt", "prompt+image", "all"])
 def test_teacher_forced_logits_equal_native_generate(membranes_on, scope):
     model, tokenizer = tiny()
     if membranes_on:
@@ -247,7 +247,7 @@ def membrane_deltas(membranes, run):
 
 
 @pytest.mark.parametrize("scope,prompt_changes,text_changes", [("image", False, False), ("prompt", True, False),
-                                                               ("all", True, True)])
+                                                               ("prompt+image", True, False), ("all", True, True)])
 def test_scope(scope, prompt_changes, text_changes):
     model, tokenizer = tiny()
     codes = codes_for(model, tokenizer)
@@ -269,7 +269,8 @@ def test_scope(scope, prompt_changes, text_changes):
     T, N = mask.shape[1], codes.shape[1]
     assert (input_ids[:, T - 1] == spm.special_ids(tokenizer)["boi"]).all()
     generation = torch.tensor([False] * (T - 1) + [True] * N)  # [T + N - 1]: the prompt, then <boi> and the image
-    expected = {"image": generation, "prompt": ~generation, "all": torch.ones_like(generation)}[scope]
+    expected = {"image": generation, "prompt": ~generation, "prompt+image": torch.ones_like(generation),
+                "all": torch.ones_like(generation)}[scope]
     deltas = membrane_deltas(membranes, lambda: prompt_and_image_hidden(model, tokenizer, codes))
     assert len(deltas) == len(membranes.names)
     for (delta,) in deltas.values():
@@ -418,7 +419,7 @@ def test_a_lever_plugs_in_without_touching_the_step():
     (dict(concept=""), "--concept is empty"), (dict(surrogate="mouse"), "--surrogate"),
     (dict(anchor="prompts"), "--anchor-prompts"), (dict(modules="foo_proj"), "foo_proj"),
     (dict(rank=0), "--rank 0 must be at least 1"), (dict(steps=-3), "--steps -3"), (dict(batch_size=0), "--batch-size"),
-    (dict(scope="text"), "--scope 'text': choose from prompt, image, all"), (dict(augment=2), "--augment"),
+    (dict(scope="text"), "--scope 'text': choose from prompt, image, prompt+image, all"), (dict(augment=2), "--augment"),
     (dict(lr=0), "--lr"), (dict(templates=["a photo"]), "exactly one {}"), (dict(rollout="target", surrogate="real mouse"),
                                                                               "--rollout target"),
     (dict(save_every=-1), "--save-every"), (dict(adversarial_tokens=0), "--adversarial-tokens")])
@@ -760,11 +761,11 @@ def test_merge_and_unmerge():
         torch.testing.assert_close(p, weights[name], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("scope", ["image", "prompt"])
+@pytest.mark.parametrize("scope", ["image", "prompt", "prompt+image"])
 def test_merge_is_refused_for_gated_scopes(scope):
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope=scope)
-    with pytest.raises(spm.SPMError, match=f"scope {scope}"):
+    with pytest.raises(spm.SPMError, match=re.escape(f"scope {scope}")):
         membranes.merge()
 
 
@@ -1097,7 +1098,7 @@ def test_two_membranes_add_at_every_module():
     assert not any(isinstance(m, spm.MembraneLinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("scope", ["image", "prompt", "all"])
+@pytest.mark.parametrize("scope", ["image", "prompt", "prompt+image", "all"])
 def test_understanding_is_identical_under_scopes_image_and_prompt(scope):
     """Only rows that draw an image have prompt or image positions: image+question and text-only inputs run the base
     model exactly under scope image and scope prompt (the prompt scope once acted on every position of them)."""
@@ -1113,7 +1114,7 @@ def test_understanding_is_identical_under_scopes_image_and_prompt(scope):
             assert drift == {"kl": 0.0, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0}
 
 
-@pytest.mark.parametrize("scope", ["image", "prompt"])
+@pytest.mark.parametrize("scope", ["image", "prompt", "prompt+image"])
 def test_text_generation_with_a_kv_cache_is_the_base_models(scope):
     """Answering runs KV-cached steps after the question: they are no image steps either, so every generated
     token's scores equal the base model's bit for bit, in a batch that also holds an image prompt."""
