@@ -1543,14 +1543,18 @@ def test_toy_erasure_with_default_settings():
     for _ in range(config.steps):
         trainer.step()
     after = toy_summary(model, tokenizer, membranes, config)
-    # measured with this seed on toy world v3, here (8 samples per prompt, deterministic: the same figures in a fresh
-    # clone's CI): trained 5.0%, held-out 6.2%, synonyms 5.6%, anchored kept 95.5%, non-anchored 76.2% (the dog 7.9%),
-    # coherence 2.3%. The bounds leave one or two pictures of room; the low coherence and the dog are the README's
-    # missed targets, not tolerances of this test (an erasure that broke, or stopped erasing, fails here)
+    # measured with this seed on toy world v3 (8 samples per prompt). Deterministic on one machine, but not across
+    # CPUs: torch's kernels for another vector instruction set (ATEN_CPU_CAPABILITY) round differently, ~1e-7 after
+    # 10 steps, and 400 steps of sampling amplify that into another run, like another training seed. Seed 0 gave
+    # trained / held-out / synonyms, anchored, non-anchored: 7.5 / 3.1 / 0.0%, 88.7%, 80.0% under avx512; 0 / 0 / 0%,
+    # 95.1%, 77.8% under avx2; 0 / 12.5 / 6.9%, 93.2%, 76.7% under default; 5.0 / 6.2 / 5.6%, 95.5%, 76.2% on an
+    # earlier machine. The bounds hold all four with room and still fail an erasure that broke (anchored and
+    # non-anchored fall towards 0) or stopped erasing (the rates rise towards 100%). Their spread, and the dog and the
+    # coherence, are the README's missed targets, not tolerances of this test
     assert after["base_held_out_rate"] >= 0.9 and after["base_synonyms_rate"] >= 0.9, after
-    assert after["trained_rate"] <= 0.1 and after["held_out_rate"] <= 0.1, after
-    assert after["synonyms_rate"] <= 0.1 and after["coherence"] > 0, after
-    assert after["non_anchored"]["erased"] >= 0.7 and after["anchored"]["erased"] >= 0.9, after
+    assert after["trained_rate"] <= 0.15 and after["held_out_rate"] <= 0.2, after
+    assert after["synonyms_rate"] <= 0.15 and after["coherence"] > 0, after
+    assert after["non_anchored"]["erased"] >= 0.65 and after["anchored"]["erased"] >= 0.8, after
 
 
 @pytest.mark.slow
