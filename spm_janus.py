@@ -134,8 +134,8 @@ class Config:
     mlp_layer_ids: str = setting(None, "decoder layers whose MLP gets membranes (default: all)", "membranes", type=str)
     scope: str = setting("prompt", "where the membranes act in a prompt that draws an image: its text positions "
                          "(erased best on the toy), its image positions (from <begin_of_image>), both (prompt+image), "
-                         "or all positions of every pass; under all but all, understanding and text stay the base "
-                         "model's", "membranes", choices=SCOPES)
+                         "or all positions of every pass; under every scope but all, understanding and text stay "
+                         "the base model's", "membranes", choices=SCOPES)
     rank: int = setting(1, "membrane rank (SPM: 1); full = the full rank of every wrapped Linear, a full-rank delta "
                         "(what ESD and EAR fine-tune)", "membranes", type=rank_value)
     alpha: float = setting(1.0, "the delta is scaled by alpha / rank", "membranes")
@@ -436,8 +436,12 @@ class Membranes:
         drawing = last_begin > last_end
         image = drawing[:, None] & (index[None] >= last_begin[:, None])
         self._drawing = (drawing, bool(drawing.all()), bool(drawing.any()))  # host syncs once per prompt, not step
-        gate = {"image": image, "prompt": drawing[:, None] & ~image,
-                "prompt+image": drawing[:, None].expand(batch, length)}[self.scope]
+        if self.scope == "image":
+            gate = image
+        elif self.scope == "prompt":
+            gate = drawing[:, None] & ~image
+        else:  # prompt+image: every position of a row that draws
+            gate = drawing[:, None].expand(batch, length)
         self.state.gate = gate[..., None].to(torch.float32)
 
     def merge(self):
