@@ -9,6 +9,7 @@ and house are never anchored and measure specificity on concepts nobody protecte
 spm_janus.py's own train() (in this process), then samples every toy prompt (objects and their synonyms x templates)
 with the same evaluation seeds, and evaluation.py's summary turns the exact judge's labels into the figures of the table.
 """
+import contextlib
 import dataclasses
 import json
 import re
@@ -208,6 +209,12 @@ def build_parser():
                         help="instead of a run: the per-seed table of --quick's JSON lines (files of its output) and "
                              "the trade-off plot of the soft attack's ASR at 100 and 300 steps against non-anchored "
                              "retention, with the peers of --peer-results and the oracle, into --out")
+    parser.add_argument("--pair", nargs=2, default=None, metavar="OBJECT",
+                        help="instead of a table: for each of --seeds, train both objects with the README's default "
+                             "command (its built-in anchors) into --runs, load the two membranes together and judge "
+                             "every prompt without and with facilitated transport: the other objects kept, each "
+                             "object's rates, and each drawn on the other's prompts; one JSON line per seed and "
+                             "transport")
     parser.add_argument("--peer-results", nargs="*", default=[], metavar="JSON",
                         help="ablation.json files of --peers runs, drawn on the --depth plot")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
@@ -234,6 +241,8 @@ def main(argv=None):
         return concept_types(args)
     if args.quick:
         return quick(args)
+    if args.pair:
+        return pair(args)
     candidates = PEERS if args.peers else SETTINGS + (LEVERS if args.levers or args.only else [])
     exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
     settings = [s for s in candidates if not args.only or s[0] in exact or
@@ -409,6 +418,67 @@ def quick(args):
         print(json.dumps({"overrides": overrides, "seed": seed, "seconds": round(seconds),
                           **flat_figures(summary["mouse"]), "dog": summary["mouse"]["per_object"]["dog"]["erased"],
                           "curve": curve["curve"], "budget_50": curve["budget_50"]}), flush=True)
+
+
+def pair(args):
+    """--pair A B: two default membranes on one model, judged as `sample.py --eval --ckpt A --ckpt B [--transport]`
+    judges them, against one base drawn once."""
+    unknown = [o for o in args.pair if o not in toy.OBJECTS]
+    if unknown or args.pair[0] == args.pair[1]:
+        build_parser().error(f"--pair {' '.join(args.pair)}: give two different toy objects, from "
+                             f"{', '.join(toy.OBJECTS)}")
+    model, tokenizer = spm.load_model("toy")
+    cfg, temperature = spm.generation_defaults(model)
+    seeds = list(range(args.eval_seed, args.eval_seed + args.n))
+    prompts, judge = evaluation.eval_prompts(), lambda codes, _: [v[0] for v in toy.judge_batch(codes)]
+    synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
+    texts = [p.prompt for p in prompts]
+    base_codes = torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0] for t in texts])
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        runs, seconds = [], []
+        for concept in args.pair:
+            out = Path(args.runs) / f"{concept}-s{seed}"
+            started = time.time()
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
+                runs.append(spm.train(spm.Config(model="toy", concept=concept, seed=seed, out=str(out), sample_every=0,
+                                                 save_every=0, **({"steps": args.steps} if args.steps else {})),
+                                      overwrite=True))
+            seconds.append(round(time.time() - started))
+        loaded = inference.load_all_membranes([r.out for r in runs], model, tokenizer)
+        for transport in (False, True):
+            def draw(enabled, texts):
+                codes = []
+                for text in texts:
+                    with contextlib.ExitStack() as stack:
+                        for (membranes, _), run in zip(loaded, runs):
+                            stack.enter_context(membranes.switched(enabled))
+                            stack.enter_context(membranes.strength(
+                                inference.transport_strength(model, tokenizer, text, run.concept) if transport
+                                else 1.0))
+                        codes.append(spm.sample_prompts(model, tokenizer, [text], seeds, cfg, temperature)[0])
+                return torch.stack(codes)
+
+            records = evaluation.judge_records(draw, prompts, judge, args.n, base_codes)
+            figures = pair_figures(records, args.pair, {t for r in runs for t in r.templates}, synonyms)
+            print(json.dumps({"pair": list(args.pair), "seed": seed, "transport": transport, "seconds": seconds,
+                              **figures}), flush=True)
+        for membranes, _ in loaded:
+            membranes.detach()
+
+
+def pair_figures(records, pair, templates, synonyms):
+    """Two erased objects' figures from judged records: the other objects kept, each object's rates and coherence, and
+    each object drawn on the other's prompts (base and erased: created by the membranes where the base draws none)."""
+    summary = evaluation.summarize(records, list(pair), [], toy.OBJECTS, templates, synonyms)
+    figures = {"others_kept": summary[pair[0]]["others"]["retention"]}
+    for obj, other in (pair, pair[::-1]):
+        figures[obj] = {key: summary[obj][key] for key in ("trained_rate", "held_out_rate", "synonyms_rate",
+                                                           "coherence")}
+        theirs = [r for r in records if r["object"] == other]
+        for side in ("base", "erased"):
+            figures[obj][f"{side}_from_{other}_prompts"] = sum(r[side].get(obj, 0) for r in theirs) / sum(
+                r["n"] for r in theirs)
+    return figures
 
 
 def setting_name(overrides):

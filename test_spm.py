@@ -2289,3 +2289,23 @@ def test_the_hidden_state_loss_trains_towards_the_target_of_the_hidden_states():
     torch.testing.assert_close(target, empty - 2.0 * (concept - empty), rtol=0, atol=1e-5)
     with pytest.raises(spm.SPMError, match="--loss hidden"):
         spm.Config(concept="mouse", loss="hidden", loss_on="cfg")
+
+
+def test_ablate_pair_counts_each_object_drawn_on_the_others_prompts(capsys):
+    """--pair's figures: each object's own rates, the others kept, and each object created on the other's prompts."""
+    import ablate
+    record = lambda obj, word, template, base, erased: dict(prompt="p", object=obj, word=word, template=template,  # noqa: E731
+                                                            n=4, base=base, erased=erased)
+    records = [record("mouse", "mouse", "a {}", {"mouse": 4}, {"blank": 3, "mouse": 1}),
+               record("mouse", "mouse", "b {}", {"mouse": 4}, {"cat": 2, "dog": 2}),
+               record("mouse", "rodent", "a {}", {"mouse": 4}, {"broken": 4}),
+               record("cat", "cat", "a {}", {"cat": 4}, {"mouse": 3, "cat": 1}),
+               record("dog", "dog", "a {}", {"dog": 4}, {"dog": 3, "broken": 1})]
+    figures = ablate.pair_figures(records, ["mouse", "cat"], {"a {}"}, {"rodent": "mouse"})
+    assert figures["others_kept"] == 0.75  # the dog; mouse and cat are both erased, not others
+    assert figures["mouse"] == dict(trained_rate=0.25, held_out_rate=0.0, synonyms_rate=0.0, coherence=7 / 12,
+                                    base_from_cat_prompts=0.0, erased_from_cat_prompts=0.75)
+    assert figures["cat"]["trained_rate"] == 0.25 and figures["cat"]["erased_from_mouse_prompts"] == 2 / 12
+    for bad in (["mouse", "mouse"], ["mouse", "unicorn"]):
+        assert main_exit_code(ablate.main, ["--pair", *bad]) == 2
+        assert f"--pair {' '.join(bad)}: give two different toy objects" in capsys.readouterr().err
