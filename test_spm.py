@@ -2309,3 +2309,20 @@ def test_ablate_pair_counts_each_object_drawn_on_the_others_prompts(capsys):
     for bad in (["mouse", "mouse"], ["mouse", "unicorn"]):
         assert main_exit_code(ablate.main, ["--pair", *bad]) == 2
         assert f"--pair {' '.join(bad)}: give two different toy objects" in capsys.readouterr().err
+
+
+def test_scope_prompt_plus_image_trains_the_membranes_of_scope_all():
+    """Every row a training step passes draws an image (concept, surrogate, anchors, soft and latent adversaries), so
+    prompt+image gates nothing off there: the same seed gives scope all's membranes bit for bit, and prompt's differ."""
+    trained = {}
+    for scope in ("all", "prompt+image", "prompt"):
+        model, tokenizer = tiny()
+        config = train_config(model, tokenizer, scope=scope, steps=3, batch_size=2, lr=0.05, adversarial="soft",
+                              adversarial_every=1, adversarial_steps=1, latent_eps=0.5, latent_steps=1)
+        membranes = spm.attach_for(model, tokenizer, config)
+        trainer = spm.Trainer(model, tokenizer, membranes, config)
+        for _ in range(3):
+            trainer.step()
+        trained[scope] = membranes.state_dict()
+    assert all(torch.equal(trained["all"][k], trained["prompt+image"][k]) for k in trained["all"])
+    assert not all(torch.equal(trained["all"][k], trained["prompt"][k]) for k in trained["all"])
