@@ -214,7 +214,7 @@ def build_parser():
                              "command (its built-in anchors) into --runs, load the two membranes together and judge "
                              "every prompt without and with facilitated transport: the other objects kept, each "
                              "object's rates, and each drawn on the other's prompts; one JSON line per seed and "
-                             "transport")
+                             "transport. With --quick KEY=VALUE: those overrides on both runs")
     parser.add_argument("--peer-results", nargs="*", default=[], metavar="JSON",
                         help="ablation.json files of --peers runs, drawn on the --depth plot")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
@@ -239,10 +239,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     if args.types:
         return concept_types(args)
-    if args.quick:
-        return quick(args)
     if args.pair:
         return pair(args)
+    if args.quick:
+        return quick(args)
     candidates = PEERS if args.peers else SETTINGS + (LEVERS if args.levers or args.only else [])
     exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
     settings = [s for s in candidates if not args.only or s[0] in exact or
@@ -423,7 +423,7 @@ def quick(args):
 def pair(args):
     """--pair A B: two default membranes on one model, judged as `sample.py --eval --ckpt A --ckpt B [--transport]`
     judges them, against one base drawn once."""
-    unknown = [o for o in args.pair if o not in toy.OBJECTS]
+    unknown, overrides = [o for o in args.pair if o not in toy.OBJECTS], quick_overrides(args.quick or [])
     if unknown or args.pair[0] == args.pair[1]:
         build_parser().error(f"--pair {' '.join(args.pair)}: give two different toy objects, from "
                              f"{', '.join(toy.OBJECTS)}")
@@ -440,9 +440,9 @@ def pair(args):
             out = Path(args.runs) / f"{concept}-s{seed}"
             started = time.time()
             with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
-                runs.append(spm.train(spm.Config(model="toy", concept=concept, seed=seed, out=str(out), sample_every=0,
-                                                 save_every=0, **({"steps": args.steps} if args.steps else {})),
-                                      overwrite=True))
+                runs.append(spm.train(spm.Config(**{"steps": args.steps, **overrides} if args.steps else overrides,
+                                                 model="toy", concept=concept, seed=seed, out=str(out),
+                                                 sample_every=0, save_every=0), overwrite=True))
             seconds.append(round(time.time() - started))
         loaded = inference.load_all_membranes([r.out for r in runs], model, tokenizer)
         for transport in (False, True):
@@ -460,8 +460,8 @@ def pair(args):
 
             records = evaluation.judge_records(draw, prompts, judge, args.n, base_codes)
             figures = pair_figures(records, args.pair, {t for r in runs for t in r.templates}, synonyms)
-            print(json.dumps({"pair": list(args.pair), "seed": seed, "transport": transport, "seconds": seconds,
-                              **figures}), flush=True)
+            print(json.dumps({"pair": list(args.pair), "overrides": overrides, "seed": seed, "transport": transport,
+                              "seconds": seconds, **figures}), flush=True)
         for membranes, _ in loaded:
             membranes.detach()
 
