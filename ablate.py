@@ -3,6 +3,7 @@ The erasure benchmark on the toy Janus: erase "mouse" with each setting at one s
 
     python ablate.py                       # all settings x 3 seeds -> runs/ablation/ablation.{md,json,png}
     python ablate.py --seeds 1 --n 16      # a quick table
+    python ablate.py --pair mouse cat      # two membranes of the README's command (built-in anchors), loaded together
 
 One fixed protocol for every setting: the settings that anchor name cat, car and tree explicitly, so dog, bird, fish
 and house are never anchored and measure specificity on concepts nobody protected. Each setting trains with
