@@ -253,8 +253,7 @@ def main(argv=None):
     cfg, temperature = spm.generation_defaults(model)
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))  # evaluation seeds, unused in training
     prompts = evaluation.eval_prompts()
-    synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
-    judge = lambda codes, _: [v[0] for v in toy.judge_batch(codes)]
+    judge, _, synonyms = evaluation.toy_judge("toy")
 
     def draw(erased, text_prompts):  # the membranes attached at the time decide base or erased
         progress = tqdm(text_prompts, desc=f"{'erased' if erased else 'base'}: {args.n} pictures per prompt",
@@ -391,7 +390,7 @@ def quick(args):
     overrides = quick_overrides(args.quick)
     model, tokenizer = spm.load_model("toy")
     cfg, temperature = spm.generation_defaults(model)
-    judge = lambda codes, _: [v[0] for v in toy.judge_batch(codes)]
+    judge, _, synonyms = evaluation.toy_judge("toy")
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))
     curve_args = budget_curve_args(16, args.attack_seed)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -410,7 +409,7 @@ def quick(args):
 
         records = evaluation.judge_records(draw, evaluation.eval_prompts(), judge, args.n)
         summary = evaluation.summarize(records, config.concept, config.anchor_prompts, toy.OBJECTS,
-                                       set(config.templates), {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]})
+                                       set(config.templates), synonyms)
         target = attack.Target(model, tokenizer, judge, "mouse", cfg, temperature, 16, seed=args.attack_seed)
         with membranes.disabled():
             references = attack.concept_references(target, "mouse", attack.toy_templates(), curve_args.references)
@@ -424,15 +423,15 @@ def quick(args):
 def pair(args):
     """--pair A B: two default membranes on one model, judged as `sample.py --eval --ckpt A --ckpt B [--transport]`
     judges them, against one base drawn once."""
-    unknown, overrides = [o for o in args.pair if o not in toy.OBJECTS], quick_overrides(args.quick or [])
-    if unknown or args.pair[0] == args.pair[1]:
+    overrides = quick_overrides(args.quick or [])
+    settings = {**({"steps": args.steps} if args.steps else {}), **overrides}  # --quick's win, as they did
+    if any(o not in toy.OBJECTS for o in args.pair) or args.pair[0] == args.pair[1]:
         build_parser().error(f"--pair {' '.join(args.pair)}: give two different toy objects, from "
                              f"{', '.join(toy.OBJECTS)}")
     model, tokenizer = spm.load_model("toy")
     cfg, temperature = spm.generation_defaults(model)
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))
-    prompts, judge = evaluation.eval_prompts(), lambda codes, _: [v[0] for v in toy.judge_batch(codes)]
-    synonyms = {w: o for o in toy.OBJECTS for w in toy.SYNONYMS[o]}
+    (judge, _, synonyms), prompts = evaluation.toy_judge("toy"), evaluation.eval_prompts()
     texts = [p.prompt for p in prompts]
     base_codes = torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0] for t in texts])
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -441,21 +440,18 @@ def pair(args):
             out = Path(args.runs) / f"{concept}-s{seed}"
             started = time.time()
             with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
-                runs.append(spm.train(spm.Config(**{"steps": args.steps, **overrides} if args.steps else overrides,
-                                                 model="toy", concept=concept, seed=seed, out=str(out),
+                runs.append(spm.train(spm.Config(**settings, model="toy", concept=concept, seed=seed, out=str(out),
                                                  sample_every=0, save_every=0), overwrite=True))
             seconds.append(round(time.time() - started))
-        loaded = inference.load_all_membranes([r.out for r in runs], model, tokenizer)
+        group = inference.MembraneGroup([m for m, _ in inference.load_all_membranes([r.out for r in runs], model,
+                                                                                    tokenizer)])
         for transport in (False, True):
             def draw(enabled, texts):
                 codes = []
                 for text in texts:
-                    with contextlib.ExitStack() as stack:
-                        for (membranes, _), run in zip(loaded, runs):
-                            stack.enter_context(membranes.switched(enabled))
-                            stack.enter_context(membranes.strength(
-                                inference.transport_strength(model, tokenizer, text, run.concept) if transport
-                                else 1.0))
+                    strengths = [inference.transport_strength(model, tokenizer, text, r.concept) if transport else 1.0
+                                 for r in runs]
+                    with group.switched(enabled, strengths):
                         codes.append(spm.sample_prompts(model, tokenizer, [text], seeds, cfg, temperature)[0])
                 return torch.stack(codes)
 
@@ -463,7 +459,7 @@ def pair(args):
             figures = pair_figures(records, args.pair, {t for r in runs for t in r.templates}, synonyms)
             print(json.dumps({"pair": list(args.pair), "overrides": overrides, "seed": seed, "transport": transport,
                               "seconds": seconds, **figures}), flush=True)
-        for membranes, _ in loaded:
+        for membranes in group.sets:
             membranes.detach()
 
 

@@ -57,10 +57,13 @@ class MembraneGroup:
         self.sets = sets
 
     @contextlib.contextmanager
-    def switched(self, enabled):
+    def switched(self, enabled, strengths=None):
+        """strengths: one multiplier per set for the duration (facilitated transport), or None to keep theirs."""
         with contextlib.ExitStack() as stack:
-            for membranes in self.sets:
+            for i, membranes in enumerate(self.sets):
                 stack.enter_context(membranes.switched(enabled))
+                if strengths is not None:
+                    stack.enter_context(membranes.strength(strengths[i]))
             yield self
 
     def disabled(self):

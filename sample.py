@@ -6,7 +6,6 @@ Sample images from Janus-Pro with erased concepts, or without any membranes.
 
 Everything about the membranes (model, modules, rank, scope, ...) is read from the checkpoint's metadata.
 """
-import contextlib
 import sys
 from pathlib import Path
 
@@ -122,6 +121,7 @@ def run(args):
     spm.set_threads(args.threads, spm.load_config(model_name), device)
     model, tokenizer = spm.load_model(model_name, args.dtype or (configs[0].dtype if configs else "float32"), device)
     loaded = inference.load_all_membranes(checkpoints, model, tokenizer)
+    group = inference.MembraneGroup([membranes for membranes, _ in loaded])
     cfg, temperature = spm.generation_defaults(model)
     cfg = args.cfg if args.cfg is not None else cfg
     temperature = args.temperature if args.temperature is not None else temperature
@@ -142,10 +142,7 @@ def run(args):
         side = ("erased" if loaded else "sampling") if enabled else "base"
         for prompt in tqdm(prompts, desc=f"{side}: {args.n} pictures per prompt", unit="prompt", leave=False,
                            disable=len(prompts) < 4, file=sys.stderr, dynamic_ncols=True):
-            with contextlib.ExitStack() as stack:
-                for (membranes, _), strength in zip(loaded, strengths(prompt)):
-                    stack.enter_context(membranes.switched(enabled))
-                    stack.enter_context(membranes.strength(strength))
+            with group.switched(enabled, strengths(prompt)):
                 codes.append(spm.sample_prompts(model, tokenizer, [prompt], seeds, cfg, temperature)[0])
         return torch.stack(codes)
 
@@ -174,7 +171,6 @@ def run(args):
             held_out = [t for t in spm.PRESETS[concept_type].held_out if spm.known_concepts(tokenizer, [t.format("")])]
             chosen = [evaluation.EvalPrompt(t.format(o), o, o, t) for o in objects
                       for t in sorted(run_templates) + [t for t in held_out if t not in run_templates]]
-        group = inference.MembraneGroup([membranes for membranes, _ in loaded])
         with group.disabled():  # base pictures of a few prompts, one seed each
             codes = spm.sample_prompts(model, tokenizer, [p.prompt for p in chosen[::max(1, len(chosen) // 8)]],
                                        seeds[:1], cfg, temperature)
