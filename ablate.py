@@ -29,6 +29,9 @@ import spm_janus as spm
 import toy_janus as toy
 
 ANCHORS = ("cat", "car", "tree")  # the benchmark's anchored objects; the other four are never anchored
+# --quick's one key that is not a Config field: with anchor_vocabulary, the non-anchored objects' words (and their
+# synonyms) are left out of the vocabulary anchors, so that the non-anchored figure measures objects no anchor names
+HOLD_OUT = "hold_out_objects"
 ANCHORED = dict(anchor="prompts", anchor_prompts=list(ANCHORS))
 POSTER = dict(scope="image", anchor="none")  # the poster's membranes acted on the image positions, no anchoring
 # (name, Config settings). The anchoring rows add the benchmark's anchors back to the poster's settings.
@@ -375,7 +378,7 @@ def quick_overrides(items):
         if item == "default":
             continue
         key, equals, value = item.partition("=")
-        if not equals or key not in {f.name for f in dataclasses.fields(spm.Config)}:
+        if not equals or key not in {f.name for f in dataclasses.fields(spm.Config)} | {HOLD_OUT}:
             build_parser().error(f"--quick {item!r}: give KEY=VALUE with a Config field as KEY, e.g. latent_eps=0.5")
         try:
             overrides[key] = json.loads(value)
@@ -394,10 +397,16 @@ def quick(args):
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))
     curve_args = budget_curve_args(16, args.attack_seed)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        config = spm.Config(model="toy", concept="mouse", seed=seed, **{**ANCHORED, **overrides}).resolved(model,
+        settings = {k: v for k, v in overrides.items() if k != HOLD_OUT}
+        config = spm.Config(model="toy", concept="mouse", seed=seed, **{**ANCHORED, **settings}).resolved(model,
                                                                                                          tokenizer)
+        levers = spm.levers_for(config)
+        if overrides.get(HOLD_OUT):
+            unnamed = [w for o in toy.OBJECTS if o not in config.concept + config.anchor_prompts for w in toy.words_for(o)]
+            levers = [spm.VocabularyAnchoring(config, exclude=unnamed) if isinstance(lever, spm.VocabularyAnchoring)
+                      else lever for lever in levers]
         membranes = spm.attach_for(model, tokenizer, config)
-        trainer, started = spm.Trainer(model, tokenizer, membranes, config), time.time()
+        trainer, started = spm.Trainer(model, tokenizer, membranes, config, levers=levers), time.time()
         for _ in tqdm(range(config.steps), desc=f"training seed {seed}", leave=False, file=sys.stderr):
             trainer.step()
         seconds = time.time() - started
@@ -415,7 +424,9 @@ def quick(args):
             references = attack.concept_references(target, "mouse", attack.toy_templates(), curve_args.references)
         curve = budget_curve(target, references, curve_args)
         membranes.detach()
-        print(json.dumps({"overrides": overrides, "seed": seed, "seconds": round(seconds),
+        vocabulary = next((lever for lever in levers if isinstance(lever, spm.VocabularyAnchoring)), None)
+        words = {"vocabulary_words": vocabulary.words, "vocabulary_left_out": vocabulary.left_out} if vocabulary else {}
+        print(json.dumps({"overrides": overrides, "seed": seed, "seconds": round(seconds), **words,
                           **flat_figures(summary["mouse"]), "dog": summary["mouse"]["per_object"]["dog"]["erased"],
                           "curve": curve["curve"], "budget_50": curve["budget_50"]}), flush=True)
 

@@ -196,6 +196,10 @@ class Config:
                                    many=True)
     anchor_weight: float = setting(None, "weight of the anchor KL(teacher || student) (default: 3; 10 for a style)",
                                    "anchoring", type=float)
+    anchor_vocabulary: int = setting(0, "also hold to the teacher, batch-size rows a step, prompts of N of the "
+                                     "tokenizer's own words (a seeded draw): anchors nobody listed. A word whose "
+                                     "prompt draws the concept (by the teacher's likelihood of its pictures) is left "
+                                     "out, so its synonyms stay erased (0 = off)", "anchoring", least=0)
     steps: int = setting(400, "optimisation steps", "optimisation", least=1, resumable=True)
     batch_size: int = setting(4, "concept rollouts per step (per process)", "optimisation", least=1)
     lr: float = setting(1e-3, "AdamW peak learning rate", "optimisation")
@@ -1195,6 +1199,39 @@ class Anchoring(Lever):
         return divergence(step.student[self.name], step.teacher[self.name], kind, trainer.config.kl_direction)
 
 
+def tokenizer_words(tokenizer):
+    """The tokenizer's own whole words, sorted: its tokens that decode to a lower-case ASCII word of 3+ letters."""
+    special = set(tokenizer.all_special_ids)
+    words = {tokenizer.decode([i]).strip() for i in range(len(tokenizer)) if i not in special}
+    return sorted(w for w in words if len(w) >= 3 and w.isascii() and w.isalpha() and w.islower())
+
+
+@torch.no_grad()
+def vocabulary_anchors(trainer, size, exclude=()):
+    """(anchor words, words left out as the concept's) of --anchor-vocabulary: `size` of the tokenizer's words (a
+    seeded draw) that are not the concepts, their anchors or `exclude`, minus every word that draws a concept: one
+    whose prompt lifts the teacher's log-likelihood of the concept's pictures above the median word's by at least
+    half as much as the concept's own word does."""
+    c = trainer.config
+    own = set(c.concept) | set(c.anchor_prompts or []) | set(exclude)
+    words = [w for w in tokenizer_words(trainer.tokenizer) if w not in own]
+    if len(words) > size:
+        generator = torch.Generator().manual_seed(derived_seed(c.seed, "vocabulary"))
+        words = [words[i] for i in sorted(torch.randperm(len(words), generator=generator)[:size].tolist())]
+    draws = set()
+    for concept in c.concept:
+        pictures = teacher_pictures(trainer, concept)
+        prompts = [c.templates[0].format(w) for w in words + [concept]]
+        with trainer.membranes.disabled():
+            scores = torch.cat([prompt_log_likelihood(trainer.model, trainer.tokenizer, prompts[i:i + 16],
+                                                      pictures[None].expand(len(prompts[i:i + 16]), -1, -1), c.cfg,
+                                                      c.temperature) for i in range(0, len(prompts), 16)])
+        median = scores[:-1].median()
+        gain = (scores[:-1] - median) / (scores[-1] - median).clamp_min(1e-6)
+        draws |= {w for w, g in zip(words, gain.tolist()) if g >= 0.5}
+    return [w for w in words if w not in draws], sorted(draws)
+
+
 def teacher_pictures(trainer, concept):
     """The adversaries' concept pictures: the teacher's samples [R, N] of every training template, at least 8."""
     c = trainer.config
@@ -1348,11 +1385,37 @@ class LatentAdversary(Lever):
         return [(trainer.distribution(perturbed, uncond_logits), target)]
 
 
+class VocabularyAnchoring(Anchoring):
+    """--anchor-vocabulary N: --anchor's KL(teacher || student), on the training templates filled with words of the
+    tokenizer's own (vocabulary_anchors), so that what the erasure takes along is held where nobody named it."""
+    name, stream = "vocab", 2 * 10 ** 9
+
+    def __init__(self, config, exclude=()):
+        super().__init__(config)
+        self.kind, self.size, self.exclude, self.words, self.left_out = "prompts", config.anchor_vocabulary, \
+            exclude, None, None
+
+    def prompts(self, trainer, picks):
+        if self.words is None:
+            self.words, self.left_out = vocabulary_anchors(trainer, self.size, self.exclude)
+        if not self.words:
+            raise SPMError("--anchor-vocabulary: every word of this tokenizer drawn was a concept's or an anchor's: "
+                           "raise N, or use --anchor-prompts", 2)
+        return [t.format(word) for word, t in trainer.pick(self.words, "vocabulary")]
+
+    def state_dict(self):
+        return {} if self.words is None else {"words": self.words, "left_out": self.left_out}
+
+    def load_state_dict(self, state):
+        self.words, self.left_out = state.get("words"), state.get("left_out")
+
+
 def levers_for(config):
     """The plug-ins a Config switches on, in the order their rows enter the batch."""
     return ([Anchoring(config)] if config.anchor in ("prompts", "latent") else []) + \
         ([SoftPromptAdversary(config)] if config.adversarial == "soft" else []) + \
-        ([LatentAdversary(config)] if config.latent_eps > 0 else [])
+        ([LatentAdversary(config)] if config.latent_eps > 0 else []) + \
+        ([VocabularyAnchoring(config)] if config.anchor_vocabulary else [])
 
 
 class Trainer:

@@ -375,6 +375,35 @@ def test_anchor_none_adds_no_anchor_term_and_no_rows():
     assert "anchor" not in metrics and metrics["loss"] == metrics["erase"]
 
 
+def test_anchor_vocabulary_holds_the_tokenizers_own_words_to_the_teacher_and_resumes():
+    """--anchor-vocabulary N: its rows are prompts of the tokenizer's words (never the concept or a listed anchor),
+    sampled on their own noise stream, held to the teacher with the anchor weight; the words travel with --resume."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    config = train_config(model, tokenizer, anchor_vocabulary=8, batch_size=2, lr=0.05)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
+    vocab = trainer.levers[-1]
+    assert [lever.name for lever in trainer.levers] == ["anchor", "vocab"] and vocab.weight == config.anchor_weight
+    words, left_out = spm.vocabulary_anchors(trainer, 8)
+    pool = set(spm.tokenizer_words(tokenizer)) - {"mouse", "cat", "car"}
+    assert len(words) + len(left_out) == 8 and set(words) | set(left_out) <= pool and not set(words) & set(left_out)
+    assert spm.vocabulary_anchors(trainer, 8) == (words, left_out)  # a seeded draw
+    assert set(sum(spm.vocabulary_anchors(trainer, 1000), [])) == pool  # all of them, when N is large enough
+    assert "dog" not in sum(spm.vocabulary_anchors(trainer, 1000, exclude=["dog"]), [])
+    batch = spm.Batch(trainer, trainer.pick(config.concept, "concept"))
+    rows = batch.rows["vocab"]
+    assert rows == spm.Rows(4, 6, codes="vocab") and vocab.words == words
+    assert set(batch.prompts[4:6]) <= {t.format(w) for w in words for t in config.templates}
+    first, second = trainer.step(), trainer.step()
+    assert first["vocab"] == 0.0 and second["vocab"] > 0.0
+    assert second["loss"] == pytest.approx(second["erase"] + config.anchor_weight * (second["anchor"] + second["vocab"]),
+                                           rel=1e-6)
+    resumed = spm.Trainer(model, tokenizer, membranes, config)
+    resumed.load_state_dict(trainer.state_dict())
+    assert (resumed.levers[-1].words, resumed.levers[-1].left_out) == (words, left_out)
+    assert spm.Config.from_dict(config.to_dict()).anchor_vocabulary == 8
+
+
 def test_a_trainer_refuses_an_unresolved_config():
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="image")
@@ -1417,6 +1446,24 @@ def test_bfloat16_trains_and_samples_with_float32_membranes(tmp_path):
 def toy_model():
     model, tokenizer = spm.load_model("toy")
     return model, tokenizer
+
+
+def test_vocabulary_anchors_leave_out_exactly_the_concepts_synonyms_among_the_toys_object_words():
+    """On the toy, the likelihood filter of --anchor-vocabulary finds the words that draw the concept without being
+    told them: the mouse's synonyms rodent and vole are left out, every other object's word and synonym is kept."""
+    import toy_janus as toy
+    model, tokenizer = toy_model()
+    object_words = {w for o in toy.OBJECTS for w in toy.words_for(o)}
+    for concept in ("mouse", "dog"):
+        config = spm.Config(model="toy", concept=concept, anchor="prompts", anchor_prompts=["car"],
+                            anchor_vocabulary=1000).resolved(model, tokenizer)
+        membranes = spm.attach_for(model, tokenizer, config)
+        try:
+            words, left_out = spm.vocabulary_anchors(spm.Trainer(model, tokenizer, membranes, config), 1000)
+        finally:
+            membranes.detach()
+        assert set(left_out) & object_words == set(toy.SYNONYMS[concept])
+        assert object_words - {concept, "car"} - set(toy.SYNONYMS[concept]) <= set(words)
 
 
 def test_toy_judge_is_exact_on_renders():
