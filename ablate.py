@@ -391,6 +391,9 @@ def quick(args):
     """--quick: the default with the benchmark's anchors and some overrides, trained through the Trainer, judged and
     attacked by the soft attack's budget curve, per training seed."""
     overrides = quick_overrides(args.quick)
+    if overrides.get(HOLD_OUT) and not overrides.get("anchor_vocabulary"):
+        build_parser().error(f"--quick {HOLD_OUT}=true holds words out of the vocabulary anchors: add --quick "
+                             f"anchor_vocabulary=N")
     model, tokenizer = spm.load_model("toy")
     cfg, temperature = spm.generation_defaults(model)
     judge, _, synonyms = evaluation.toy_judge("toy")
@@ -401,10 +404,10 @@ def quick(args):
         config = spm.Config(model="toy", concept="mouse", seed=seed, **{**ANCHORED, **settings}).resolved(model,
                                                                                                          tokenizer)
         levers = spm.levers_for(config)
+        vocabulary = next((lever for lever in levers if isinstance(lever, spm.VocabularyAnchoring)), None)
         if overrides.get(HOLD_OUT):
-            unnamed = [w for o in toy.OBJECTS if o not in config.concept + config.anchor_prompts for w in toy.words_for(o)]
-            levers = [spm.VocabularyAnchoring(config, exclude=unnamed) if isinstance(lever, spm.VocabularyAnchoring)
-                      else lever for lever in levers]
+            named = config.concept + config.anchor_prompts
+            vocabulary.exclude = [w for o in toy.OBJECTS if o not in named for w in toy.words_for(o)]
         membranes = spm.attach_for(model, tokenizer, config)
         trainer, started = spm.Trainer(model, tokenizer, membranes, config, levers=levers), time.time()
         for _ in tqdm(range(config.steps), desc=f"training seed {seed}", leave=False, file=sys.stderr):
@@ -424,7 +427,6 @@ def quick(args):
             references = attack.concept_references(target, "mouse", attack.toy_templates(), curve_args.references)
         curve = budget_curve(target, references, curve_args)
         membranes.detach()
-        vocabulary = next((lever for lever in levers if isinstance(lever, spm.VocabularyAnchoring)), None)
         words = {"vocabulary_words": vocabulary.words, "vocabulary_left_out": vocabulary.left_out} if vocabulary else {}
         print(json.dumps({"overrides": overrides, "seed": seed, "seconds": round(seconds), **words,
                           **flat_figures(summary["mouse"]), "dog": summary["mouse"]["per_object"]["dog"]["erased"],

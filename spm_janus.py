@@ -1222,10 +1222,11 @@ def vocabulary_anchors(trainer, size, exclude=()):
     for concept in c.concept:
         pictures = teacher_pictures(trainer, concept)
         prompts = [c.templates[0].format(w) for w in words + [concept]]
+        chunks = [prompts[i:i + 16] for i in range(0, len(prompts), 16)]  # 16 prompts x the pictures per pass
         with trainer.membranes.disabled():
-            scores = torch.cat([prompt_log_likelihood(trainer.model, trainer.tokenizer, prompts[i:i + 16],
-                                                      pictures[None].expand(len(prompts[i:i + 16]), -1, -1), c.cfg,
-                                                      c.temperature) for i in range(0, len(prompts), 16)])
+            scores = torch.cat([prompt_log_likelihood(trainer.model, trainer.tokenizer, chunk,
+                                                      pictures[None].expand(len(chunk), -1, -1), c.cfg,
+                                                      c.temperature) for chunk in chunks])
         median = scores[:-1].median()
         gain = (scores[:-1] - median) / (scores[-1] - median).clamp_min(1e-6)
         draws |= {w for w, g in zip(words, gain.tolist()) if g >= 0.5}
@@ -1392,8 +1393,8 @@ class VocabularyAnchoring(Anchoring):
 
     def __init__(self, config, exclude=()):
         super().__init__(config)
-        self.kind, self.size, self.exclude, self.words, self.left_out = "prompts", config.anchor_vocabulary, \
-            exclude, None, None
+        self.kind, self.size, self.exclude = "prompts", config.anchor_vocabulary, exclude
+        self.words = self.left_out = None  # chosen at the first step, from the teacher
 
     def prompts(self, trainer, picks):
         if self.words is None:
