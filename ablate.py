@@ -419,15 +419,20 @@ def quick(args):
                 return torch.stack([spm.sample_prompts(model, tokenizer, [t], seeds, cfg, temperature)[0]
                                     for t in texts])
 
-        records = evaluation.judge_records(draw, evaluation.eval_prompts(), judge, args.n)
-        summary = evaluation.summarize(records, config.concept, config.anchor_prompts, toy.OBJECTS,
-                                       set(config.templates), synonyms)
-        target = attack.Target(model, tokenizer, judge, "mouse", cfg, temperature, 16, seed=args.attack_seed)
-        with membranes.disabled():
-            references = attack.concept_references(target, "mouse", attack.toy_templates(), curve_args.references)
-        curve = budget_curve(target, references, curve_args)
+        with trainer.published():  # what the run's checkpoint would hold (--ema's average, --select-every's best)
+            records = evaluation.judge_records(draw, evaluation.eval_prompts(), judge, args.n)
+            summary = evaluation.summarize(records, config.concept, config.anchor_prompts, toy.OBJECTS,
+                                           set(config.templates), synonyms)
+            target = attack.Target(model, tokenizer, judge, "mouse", cfg, temperature, 16, seed=args.attack_seed)
+            with membranes.disabled():
+                references = attack.concept_references(target, "mouse", attack.toy_templates(),
+                                                       curve_args.references)
+            curve = budget_curve(target, references, curve_args)
         membranes.detach()
         words = {"vocabulary_words": vocabulary.words, "vocabulary_left_out": vocabulary.left_out} if vocabulary else {}
+        selection = next((lever for lever in levers if isinstance(lever, spm.CheckpointSelection)), None)
+        if selection:
+            words["selected_step"] = selection.best["step"]
         print(json.dumps({"overrides": overrides, "seed": seed, "seconds": round(seconds), **words,
                           **flat_figures(summary["mouse"]), "dog": summary["mouse"]["per_object"]["dog"]["erased"],
                           "curve": curve["curve"], "budget_50": curve["budget_50"]}), flush=True)

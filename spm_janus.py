@@ -209,6 +209,13 @@ class Config:
     seed: int = setting(0, "seed of prompts, rollouts, anchors and membrane init", "optimisation")
     rollout_every: int = setting(1, "new prompts and rollout every K steps (exact resume needs K = 1)",
                                  "optimisation", least=1)
+    ema: float = setting(0.0, "publish an exponential moving average of the membranes with this decay per step "
+                         "(bias-corrected; the trainer state keeps the raw ones for --resume) (0 = off)",
+                         "optimisation", least=0)
+    select_every: int = setting(0, "every K steps score the membranes on held-out prompts (new draws of the training "
+                                "prompts, teacher-forced on the teacher's pictures: the erasure term plus the anchor "
+                                "terms) and publish the lowest-scoring ones, judge-free early stopping (0 = off)",
+                                "optimisation", least=0)
     max_bad_steps: int = setting(10, "stop after this many non-finite steps in a row (each is skipped)",
                                  "optimisation", least=1, resumable=True)
     out: str = setting(None, "run directory (default: runs/<concept>)", "output", type=str)
@@ -240,6 +247,10 @@ class Config:
                 raise SPMError(f"{flag} {value} must be at least {meta['least']}", 2)
         if not 0 <= self.augment <= 1:
             raise SPMError(f"--augment {self.augment} is a share of the prompts: give a number from 0 to 1", 2)
+        if self.ema >= 1:
+            raise SPMError(f"--ema {self.ema:g} is a decay per step: give a number from 0 to below 1, e.g. 0.99", 2)
+        if self.ema and self.select_every:
+            raise SPMError("--ema and --select-every each choose the membranes a checkpoint publishes: use one", 2)
         if self.lr <= 0:
             raise SPMError(f"--lr {self.lr:g} must be positive", 2)
         if self.surrogate is not None and self.surrogate.strip() in self.concept:
@@ -499,7 +510,8 @@ class Membranes:
         return sum(p.numel() for p in self.parameters())
 
     def state_dict(self):
-        return {f"{name}.{part}": getattr(m, part).weight.detach().float().cpu().contiguous()
+        """A copy of the factors: the tensors do not follow later steps (on the CPU .float() alone would be a view)."""
+        return {f"{name}.{part}": getattr(m, part).weight.detach().float().cpu().clone().contiguous()
                 for name, m in self.modules.items() for part in ("down", "up")}
 
     def load_state_dict(self, tensors, source="checkpoint"):
@@ -1147,7 +1159,8 @@ class Lever:
     """A plug-in of Trainer.step; override what it needs. prompts(): prompts it adds to the batch (sampled, with
     teacher and student logits under its name); edit(): changes its rows' input embeddings; adversaries(): pairs
     (student distribution, erasure target) erased like the concept prompt's; loss(): its own term, added with
-    `weight`. Its state is saved with the trainer for --resume."""
+    `weight`; updated(): after each optimiser step, metrics to log; published(): a context in which the membranes
+    hold what a checkpoint saves. Its state is saved with the trainer for --resume."""
     name, weight, stream = "lever", 1.0, None  # stream: offset of its rows' sample indices in the rollout noise
 
     def prompts(self, trainer, picks):
@@ -1161,6 +1174,12 @@ class Lever:
 
     def loss(self, trainer, step):
         return None
+
+    def updated(self, trainer):
+        return {}
+
+    def published(self, trainer):
+        return contextlib.nullcontext()
 
     def state_dict(self):
         return {}
@@ -1411,12 +1430,127 @@ class VocabularyAnchoring(Anchoring):
         self.words, self.left_out = state.get("words"), state.get("left_out")
 
 
+@contextlib.contextmanager
+def membranes_set_to(membranes, tensors):
+    """The membranes hold `tensors` inside the block, and their own weights again after it, even on an error."""
+    own = membranes.state_dict()
+    membranes.load_state_dict(tensors)
+    try:
+        yield
+    finally:
+        membranes.load_state_dict(own)
+
+
+class MembraneAverage(Lever):
+    """--ema D: checkpoints publish the bias-corrected exponential moving average of the membranes over the steps
+    (Adam's correction: the average of the iterates with weights D^(t-i), whatever the start)."""
+    name = "ema"
+
+    def __init__(self, config):
+        self.decay, self.average, self.count = config.ema, None, 0
+
+    def updated(self, trainer):
+        current = trainer.membranes.state_dict()
+        if self.average is None:
+            self.average = {k: torch.zeros_like(v) for k, v in current.items()}
+        for k, v in current.items():
+            self.average[k].mul_(self.decay).add_(v, alpha=1 - self.decay)
+        self.count += 1
+        return {}
+
+    def published(self, trainer):
+        if self.average is None:
+            return contextlib.nullcontext()
+        correction = 1 - self.decay ** self.count
+        return membranes_set_to(trainer.membranes, {k: v / correction for k, v in self.average.items()})
+
+    def state_dict(self):
+        return {} if self.average is None else {"average": self.average, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.average, self.count = state.get("average"), int(state.get("count", 0))
+
+
+VALIDATION_DRAWS = 4  # batches of held-out prompts that --select-every scores
+
+
+class CheckpointSelection(Lever):
+    """--select-every K: every K steps and at the last, the step's objective without its adversaries (the erasure
+    term plus each lever's own term, anchors above all) on VALIDATION_DRAWS batches of prompts drawn as training
+    draws them but at step indices training never reaches, each row teacher-forced on the teacher's pictures of its
+    prompt; checkpoints publish the membranes of the lowest score. Judge-free: no classifier, only the model."""
+    name = "select"
+
+    def __init__(self, config):
+        self.every, self.held_out, self.best = config.select_every, None, None
+
+    def updated(self, trainer):
+        if trainer.step_count % self.every and trainer.step_count != trainer.config.steps:
+            return {}
+        if self.held_out is None:
+            self.held_out = [held_out_batch(trainer, -1 - k) for k in range(VALIDATION_DRAWS)]
+        with torch.no_grad():
+            score = sum(validation_loss(trainer, *drawn) for drawn in self.held_out) / len(self.held_out)
+        if distributed():  # every process scores its own rows; all of them choose by the mean
+            torch.distributed.all_reduce(score)
+            score /= torch.distributed.get_world_size()
+        score = float(score)
+        if self.best is None or score < self.best["score"]:
+            self.best = {"score": score, "step": trainer.step_count, "membranes": trainer.membranes.state_dict()}
+        return {"validation": score, "selected_step": self.best["step"]}
+
+    def published(self, trainer):
+        if self.best is None:
+            return contextlib.nullcontext()
+        return membranes_set_to(trainer.membranes, self.best["membranes"])
+
+    def state_dict(self):
+        return {} if self.best is None else {"best": self.best}
+
+    def load_state_dict(self, state):
+        self.best = state.get("best")
+
+
+@torch.no_grad()
+def held_out_batch(trainer, step):
+    """(batch, codes, teacher) of held-out prompts: a Batch drawn as at `step`, each row group sampled by the
+    teacher from its own prompts, and the teacher's distributions on them."""
+    c, B = trainer.config, trainer.config.batch_size
+    with trainer.drawing_at(step):
+        batch = Batch(trainer, trainer.pick(c.concept, "concept"))
+        names = list(batch.streams)
+        index = torch.cat([torch.arange(*batch.rows[n][:2]) for n in names]).to(trainer.device)
+        uniforms = torch.cat([rollout_uniforms(c.seed, step, trainer.first_index + batch.streams[n], B,
+                                               trainer.num_tokens, trainer.device) for n in names])
+        cfg = torch.full((len(index), 1), c.cfg, device=trainer.device)
+        with trainer.membranes.disabled():
+            codes = dict(zip(names, sample_codes(trainer.model, batch.cond[index], batch.uncond[index],
+                                                 batch.mask[index], cfg, c.temperature, uniforms).split(B)))
+            teacher = trainer.distributions(batch, codes, batch.groups + ["surrogate"])
+    return batch, codes, teacher
+
+
+def validation_loss(trainer, batch, codes, teacher):
+    """The step's loss on a held-out batch, without adversaries: erasure divergence + sum of weight * lever term."""
+    c = trainer.config
+    student = trainer.distributions(batch, codes, batch.groups)
+    step = Step(batch, codes, teacher, student, erasure_target(teacher["concept"], teacher["surrogate"], c.eta))
+    loss = divergence(student["concept"], step.target, c.loss, c.kl_direction)
+    for lever in trainer.levers:
+        term = lever.loss(trainer, step)
+        if term is not None:
+            loss = loss + lever.weight * term
+    return loss
+
+
 def levers_for(config):
     """The plug-ins a Config switches on, in the order their rows enter the batch."""
     return ([Anchoring(config)] if config.anchor in ("prompts", "latent") else []) + \
         ([SoftPromptAdversary(config)] if config.adversarial == "soft" else []) + \
         ([LatentAdversary(config)] if config.latent_eps > 0 else []) + \
-        ([VocabularyAnchoring(config)] if config.anchor_vocabulary else [])
+        ([VocabularyAnchoring(config)] if config.anchor_vocabulary else []) + \
+        ([MembraneAverage(config)] if config.ema else []) + \
+        ([CheckpointSelection(config)] if config.select_every else [])
 
 
 class Trainer:
@@ -1430,7 +1564,7 @@ class Trainer:
         self.device, self.embed = next(model.parameters()).device, model.get_input_embeddings()
         self.num_tokens = model.config.vision_config.num_image_tokens
         self.context = model.config.text_config.max_position_embeddings - self.num_tokens
-        self.first_index, self.step_count, self.cached_rollout = first_index, 0, None
+        self.first_index, self.step_count, self.cached_rollout, self.drawn_step = first_index, 0, None, None
         # context words of --augment; a style or an attribute gets none of its own kind (no 'red' into 'a blue car')
         own = set() if config.concept_type == "object" else \
             set(config.concept) | set(config.anchor_prompts or []) | set(PRESETS[config.concept_type].anchors)
@@ -1482,7 +1616,26 @@ class Trainer:
     @property
     def rollout_step(self):
         """The step whose prompts and rollout this step uses (--rollout-every K reuses one for K steps)."""
+        if self.drawn_step is not None:
+            return self.drawn_step
         return self.step_count - self.step_count % self.config.rollout_every
+
+    @contextlib.contextmanager
+    def drawing_at(self, step):
+        """Prompts and noise drawn as at another step: held-out ones at negative steps, which training never draws."""
+        self.drawn_step = step
+        try:
+            yield
+        finally:
+            self.drawn_step = None
+
+    @contextlib.contextmanager
+    def published(self):
+        """A context in which the membranes hold what a checkpoint saves (--ema's average, --select-every's best)."""
+        with contextlib.ExitStack() as stack:
+            for lever in self.levers:
+                stack.enter_context(lever.published(self))
+            yield
 
     def generator(self, index, purpose):
         """Each sample's randomness comes from (seed, step, global sample index): a sample does not depend on the
@@ -1548,8 +1701,9 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
         self.step_count += 1
+        updates = {k: v for lever in self.levers for k, v in lever.updated(self).items()}
         return {"step": self.step_count, **dict(zip(["loss", *terms], logged.tolist())),
-                "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0], "finite": finite,
+                "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0], "finite": finite, **updates,
                 "rollout_s": round(rollout_seconds, 4), "step_s": round(time.time() - started, 4)}
 
     def state_dict(self):
@@ -1702,7 +1856,8 @@ def save_run(out, trainer, world_size=1):
     membranes, so a kill between the two leaves a consistent pair to resume from."""
     state = trainer.state_dict()
     save_atomic(out / STATE_NAME, lambda tmp: torch.save(state, tmp))
-    save_membranes(out / CHECKPOINT_NAME, trainer.membranes, trainer.config, trainer.step_count, world_size)
+    with trainer.published():
+        save_membranes(out / CHECKPOINT_NAME, trainer.membranes, trainer.config, trainer.step_count, world_size)
 
 
 def load_trainer_state(path):
@@ -1902,9 +2057,10 @@ def train(config, resume=False, overwrite=False):
             return {}
         path = out / "samples" / f"step_{trainer.step_count:06d}.png"
         path.parent.mkdir(exist_ok=True)
-        codes = write_sample_grid(path, model, tokenizer, config.sample_prompts, GRID_SEEDS, config.cfg,
-                                  config.temperature, f"step {trainer.step_count}")
-        figures = signal(dict(zip(config.sample_prompts, codes)))
+        with trainer.published():  # a grid shows what a checkpoint of this step holds
+            codes = write_sample_grid(path, model, tokenizer, config.sample_prompts, GRID_SEEDS, config.cfg,
+                                      config.temperature, f"step {trainer.step_count}")
+            figures = signal(dict(zip(config.sample_prompts, codes)))
         tqdm.write(f"step {trainer.step_count}: {signal.describe(figures)}; grid {path}", file=sys.stderr)
         return figures
 
@@ -1947,7 +2103,10 @@ def train(config, resume=False, overwrite=False):
                 save_run(out, trainer, world)
     if writes:
         save_run(out, trainer, world)
-        print(f"saved {out / CHECKPOINT_NAME} at step {trainer.step_count}")
+        selection = next((lever for lever in trainer.levers if isinstance(lever, CheckpointSelection)), None)
+        chosen = f" (the membranes of step {selection.best['step']}, the lowest --select-every score " \
+                 f"{selection.best['score']:.4f})" if selection and selection.best else ""
+        print(f"saved {out / CHECKPOINT_NAME} at step {trainer.step_count}{chosen}")
     return config
 
 

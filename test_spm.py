@@ -404,6 +404,93 @@ def test_anchor_vocabulary_holds_the_tokenizers_own_words_to_the_teacher_and_res
     assert spm.Config.from_dict(config.to_dict()).anchor_vocabulary == 8
 
 
+def test_ema_publishes_the_bias_corrected_average_of_the_steps_and_resumes(tmp_path):
+    """--ema D: checkpoints (and grids) hold sum_i (1-D) D^(t-i) w_i / (1 - D^t) over the iterates w_1..w_t; the
+    membranes train on their raw weights, which the trainer state keeps, and a resumed run publishes the same."""
+    from safetensors.torch import load_file
+
+    def trainer():
+        model, tokenizer = tiny()
+        membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+        return spm.Trainer(model, tokenizer, membranes, train_config(model, tokenizer, ema=0.5, batch_size=2,
+                                                                     lr=0.05, warmup=1, steps=3))
+
+    straight, iterates = trainer(), []
+    assert [lever.name for lever in straight.levers] == ["anchor", "ema"]
+    for _ in range(3):
+        straight.step()
+        iterates.append(straight.membranes.state_dict())
+    with straight.published():
+        published = straight.membranes.state_dict()
+    raw = straight.membranes.state_dict()
+    for key in raw:
+        expected = sum(0.5 * 0.5 ** (2 - i) * w[key] for i, w in enumerate(iterates)) / (1 - 0.5 ** 3)
+        assert torch.allclose(published[key], expected, rtol=1e-6, atol=1e-8), key
+        assert torch.equal(raw[key], iterates[-1][key]), key  # restored after the block
+    assert any(not torch.equal(published[k], raw[k]) for k in raw)
+    spm.save_run(tmp_path, straight)
+    saved, state = load_file(tmp_path / spm.CHECKPOINT_NAME), spm.load_trainer_state(tmp_path / spm.STATE_NAME)
+    assert all(torch.equal(saved[k], published[k]) and torch.equal(state["membranes"][k], raw[k]) for k in raw)
+    interrupted = trainer()
+    interrupted.step(), interrupted.step()
+    resumed = trainer()
+    resumed.load_state_dict(interrupted.state_dict())
+    resumed.step()
+    with resumed.published():
+        assert all(torch.equal(resumed.membranes.state_dict()[k], published[k]) for k in raw)
+
+
+def test_select_every_publishes_the_membranes_of_the_lowest_held_out_score():
+    """--select-every K scores the membranes every K steps on prompts drawn as at steps training never reaches,
+    teacher-forced on the teacher's pictures: erasure divergence + anchor weight * anchor KL; checkpoints publish the
+    lowest-scoring membranes, not the last, and the choice travels with --resume."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    config = train_config(model, tokenizer, select_every=2, steps=6, batch_size=2, augment=1.0, lr=0.05)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
+    selection = trainer.levers[-1]
+    assert [lever.name for lever in trainer.levers] == ["anchor", "select"]
+    held_out = [spm.held_out_batch(trainer, -1 - k) for k in range(spm.VALIDATION_DRAWS)]
+    with trainer.drawing_at(-1):
+        assert held_out[0][0].picks == trainer.pick(config.concept, "concept")
+    assert trainer.drawn_step is None and held_out[0][0].picks != trainer.pick(config.concept, "concept")
+    batch, codes, teacher = held_out[0]
+    assert list(codes) == ["concept", "anchor"] and batch.rows["anchor"] == spm.Rows(2, 4, codes="anchor")
+    with torch.no_grad():  # untouched membranes are the teacher: no anchor term, the teacher's own erasure term
+        untouched = spm.validation_loss(trainer, batch, codes, teacher)
+        target = spm.erasure_target(teacher["concept"], teacher["surrogate"], config.eta)
+        assert float(untouched) == pytest.approx(float(spm.divergence(teacher["concept"], target)), rel=1e-6)
+        randomise(membranes, seed=1, scale=0.3)
+        anchor_kl = spm.divergence(trainer.distributions(batch, codes, ["anchor"])["anchor"], teacher["anchor"])
+        moved = spm.validation_loss(trainer, batch, codes, teacher)
+        student = trainer.distributions(batch, codes, ["concept"])["concept"]
+        assert float(moved) == pytest.approx(float(spm.divergence(student, target) + 3.0 * anchor_kl), rel=1e-5)
+    states, scores = [], []
+    for seed in range(3):
+        randomise(membranes, seed=seed, scale=0.3)
+        states.append(membranes.state_dict())
+        with torch.no_grad():
+            scores.append(sum(float(spm.validation_loss(trainer, *d)) for d in held_out) / len(held_out))
+    best, middle, worst = sorted(range(3), key=scores.__getitem__)
+    for step, candidate in zip((2, 4, 6), (middle, best, worst)):
+        membranes.load_state_dict(states[candidate])
+        trainer.step_count = step
+        assert trainer.levers[-1].updated(trainer) == {"validation": pytest.approx(scores[candidate], rel=1e-6),
+                                                       "selected_step": 2 if candidate == middle else 4}
+    trainer.step_count = 5
+    assert selection.updated(trainer) == {}  # not a multiple of K, not the last step
+    with trainer.published():
+        assert all(torch.equal(membranes.state_dict()[k], v) for k, v in states[best].items())
+    assert all(torch.equal(membranes.state_dict()[k], v) for k, v in states[worst].items())
+    resumed = spm.Trainer(model, tokenizer, membranes, config)
+    resumed.load_state_dict(trainer.state_dict())
+    with resumed.published():
+        assert all(torch.equal(membranes.state_dict()[k], v) for k, v in states[best].items())
+    fresh = spm.Trainer(model, tokenizer, spm.attach_membranes(tiny()[0], tokenizer, scope="prompt"), config)
+    logged = [fresh.step() for _ in range(3)]
+    assert ["validation" in m for m in logged] == [False, True, False] and logged[1]["selected_step"] == 2
+
+
 def test_a_trainer_refuses_an_unresolved_config():
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer, scope="image")
@@ -451,7 +538,8 @@ def test_a_lever_plugs_in_without_touching_the_step():
     (dict(scope="text"), "--scope 'text': choose from prompt, image, prompt+image, all"), (dict(augment=2), "--augment"),
     (dict(lr=0), "--lr"), (dict(templates=["a photo"]), "exactly one {}"), (dict(rollout="target", surrogate="real mouse"),
                                                                               "--rollout target"),
-    (dict(save_every=-1), "--save-every"), (dict(adversarial_tokens=0), "--adversarial-tokens")])
+    (dict(save_every=-1), "--save-every"), (dict(adversarial_tokens=0), "--adversarial-tokens"),
+    (dict(ema=1), "--ema 1 is a decay"), (dict(ema=0.9, select_every=5), "--ema and --select-every")])
 def test_config_validates_once_with_one_line_errors(settings, needle):
     with pytest.raises(spm.SPMError, match=re.escape(needle)) as error:
         spm.Config(**{"concept": "mouse", **settings})
