@@ -200,6 +200,12 @@ class Config:
                                      "tokenizer's own words (a seeded draw): anchors nobody listed. A word whose "
                                      "prompt draws the concept (by the teacher's likelihood of its pictures) is left "
                                      "out, so its synonyms stay erased (0 = off)", "anchoring", least=0)
+    adversarial_anchors: int = setting(0, "adversarial anchors: soft prompts kept that draw the --anchor-prompts "
+                                       "through the membranes, each attack (every --adversarial-every steps, "
+                                       "--adversarial-steps Adam steps) replacing the oldest with one for the next "
+                                       "anchor in turn; each step the student on every kept prompt, teacher-forced on "
+                                       "its anchor's pictures, is held to the teacher there (0 = off)", "anchoring",
+                                       least=0)
     steps: int = setting(400, "optimisation steps", "optimisation", least=1, resumable=True)
     batch_size: int = setting(4, "concept rollouts per step (per process)", "optimisation", least=1)
     lr: float = setting(1e-3, "AdamW peak learning rate", "optimisation")
@@ -259,6 +265,9 @@ class Config:
         if self.rollout == "target" and (self.surrogate or self.surrogate is None and self.concept_type != "object"):
             raise SPMError("--rollout target samples from the empty-surrogate target: drop --surrogate, or use "
                            "--rollout student", 2)
+        if self.adversarial_anchors and self.anchor in ("none", "latent"):
+            raise SPMError(f"--adversarial-anchors draws the anchors' pictures, which --anchor {self.anchor} does not "
+                           f"name: use --anchor prompts (or leave --anchor unset for the built-in list)", 2)
         if self.anchor == "prompts" and not self.anchor_prompts:
             raise SPMError("--anchor prompts needs --anchor-prompts: name concepts to keep, e.g. --anchor-prompts cat "
                            "--anchor-prompts car (or leave --anchor unset for the built-in list)", 2)
@@ -1162,6 +1171,7 @@ class Lever:
     `weight`; updated(): after each optimiser step, metrics to log; published(): a context in which the membranes
     hold what a checkpoint saves. Its state is saved with the trainer for --resume."""
     name, weight, stream = "lever", 1.0, None  # stream: offset of its rows' sample indices in the rollout noise
+    adversarial = False  # its loss attacks the membranes first: --select-every's judge-free score leaves it out
 
     def prompts(self, trainer, picks):
         return []
@@ -1430,6 +1440,67 @@ class VocabularyAnchoring(Anchoring):
         self.words, self.left_out = state.get("words"), state.get("left_out")
 
 
+class SoftAnchorAdversary(Lever):
+    """--adversarial-anchors N: anchors where the erasure is attacked. Every --adversarial-every steps a soft prompt is
+    optimised against the current membranes to draw the next anchor's pictures (the teacher's samples), from a random
+    start, and replaces the oldest of the N kept; the student's distribution on each kept prompt, teacher-forced on
+    one of its anchor's pictures per row, is held to the teacher's on the same prompt and picture with --anchor's
+    weight. A soft prompt the membranes deflect from an anchor is found and trained back, named or not."""
+    name, adversarial = "soft-anchor", True
+
+    def __init__(self, config):
+        self.weight, self.size = config.anchor_weight, config.adversarial_anchors
+        self.pool, self.references = [], {}  # [(anchor, soft [tokens, D])], anchor -> its pictures [R, N]
+
+    def attack(self, trainer):
+        c, attacks = trainer.config, trainer.step_count // trainer.config.adversarial_every
+        anchor = c.anchor_prompts[attacks % len(c.anchor_prompts)]
+        if anchor not in self.references:
+            self.references[anchor] = teacher_pictures(trainer, anchor)
+        generator = torch.Generator().manual_seed(derived_seed(c.seed, trainer.step_count, anchor, "soft-anchor"))
+        with torch.enable_grad():
+            soft, _ = optimise_soft_prompt(trainer.model, trainer.tokenizer, self.references[anchor],
+                                           c.adversarial_tokens, c.adversarial_steps, 1e-2, c.cfg, c.temperature,
+                                           generator)
+        self.pool = (self.pool + [(anchor, soft)])[-self.size:]
+
+    def loss(self, trainer, step):
+        c, B = trainer.config, trainer.config.batch_size
+        if trainer.step_count % c.adversarial_every == 0:
+            self.attack(trainer)
+        parts, codes = [], []
+        for k, (anchor, soft) in enumerate(self.pool):
+            cond, uncond, mask = soft_prompt_inputs(trainer.model, trainer.tokenizer, soft.to(trainer.device))
+            pictures = self.references.get(anchor)
+            if pictures is None:  # resumed: the teacher's pictures of an anchor are drawn again, the same
+                pictures = self.references[anchor] = teacher_pictures(trainer, anchor)
+            picks = [int(torch.randint(len(pictures), (), generator=trainer.generator(trainer.first_index + i,
+                                                                                       f"soft-anchor-{k}")))
+                     for i in range(B)]
+            codes.append(pictures[picks])
+            parts.append((cond.expand(B, -1, -1), uncond.expand(B, -1, -1), mask.expand(B, -1)))
+        cond, uncond, mask = (torch.cat(p) for p in zip(*parts))
+        codes, hidden = torch.cat(codes), c.loss == "hidden"
+
+        def distribution():
+            logits = image_logits(trainer.model, cond, mask, codes, hidden)
+            unconditional = image_logits(trainer.model, uncond, mask, codes) if c.loss_on == "cfg" else None
+            return trainer.distribution(logits, unconditional)
+
+        with torch.no_grad(), trainer.membranes.disabled():
+            teacher = distribution()
+        kind = "hidden" if hidden else "kl"
+        return divergence(distribution(), teacher, kind, c.kl_direction)
+
+    def state_dict(self):
+        if not self.pool:
+            return {}
+        return {"anchors": [a for a, _ in self.pool], "soft": torch.stack([s for _, s in self.pool]).cpu()}
+
+    def load_state_dict(self, state):
+        self.pool = list(zip(state.get("anchors", []), state["soft"])) if state else []
+
+
 @contextlib.contextmanager
 def membranes_set_to(membranes, tensors):
     """The membranes hold `tensors` inside the block, and their own weights again after it, even on an error."""
@@ -1531,13 +1602,14 @@ def held_out_batch(trainer, step):
 
 
 def validation_loss(trainer, batch, codes, teacher):
-    """The step's loss on a held-out batch, without adversaries: erasure divergence + sum of weight * lever term."""
+    """The step's loss on a held-out batch, without adversaries: erasure divergence + sum of weight * the term of
+    each lever that attacks nothing."""
     c = trainer.config
     student = trainer.distributions(batch, codes, batch.groups)
     step = Step(batch, codes, teacher, student, erasure_target(teacher["concept"], teacher["surrogate"], c.eta))
     loss = divergence(student["concept"], step.target, c.loss, c.kl_direction)
     for lever in trainer.levers:
-        term = lever.loss(trainer, step)
+        term = None if lever.adversarial else lever.loss(trainer, step)
         if term is not None:
             loss = loss + lever.weight * term
     return loss
@@ -1549,6 +1621,7 @@ def levers_for(config):
         ([SoftPromptAdversary(config)] if config.adversarial == "soft" else []) + \
         ([LatentAdversary(config)] if config.latent_eps > 0 else []) + \
         ([VocabularyAnchoring(config)] if config.anchor_vocabulary else []) + \
+        ([SoftAnchorAdversary(config)] if config.adversarial_anchors else []) + \
         ([MembraneAverage(config)] if config.ema else []) + \
         ([CheckpointSelection(config)] if config.select_every else [])
 

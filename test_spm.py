@@ -539,7 +539,8 @@ def test_a_lever_plugs_in_without_touching_the_step():
     (dict(lr=0), "--lr"), (dict(templates=["a photo"]), "exactly one {}"), (dict(rollout="target", surrogate="real mouse"),
                                                                               "--rollout target"),
     (dict(save_every=-1), "--save-every"), (dict(adversarial_tokens=0), "--adversarial-tokens"),
-    (dict(ema=1), "--ema 1 is a decay"), (dict(ema=0.9, select_every=5), "--ema and --select-every")])
+    (dict(ema=1), "--ema 1 is a decay"), (dict(ema=0.9, select_every=5), "--ema and --select-every"),
+    (dict(adversarial_anchors=2, anchor="latent"), "--adversarial-anchors draws the anchors' pictures")])
 def test_config_validates_once_with_one_line_errors(settings, needle):
     with pytest.raises(spm.SPMError, match=re.escape(needle)) as error:
         spm.Config(**{"concept": "mouse", **settings})
@@ -1865,6 +1866,63 @@ def test_adversary_pool_refreshes_one_prompt_in_turn_and_trains_on_all(tmp_path)
     legacy = spm.Trainer(model, tokenizer, membranes, dataclasses.replace(args, adversary_pool=1))
     legacy.load_state_dict({**state, "levers": {"soft": {"soft": {"mouse": seen[2][0]}}}})  # one prompt [tokens, D]
     assert len(legacy.levers[0].pool["mouse"]) == 1 and torch.equal(legacy.levers[0].pool["mouse"][0], seen[2][0])
+
+
+def test_adversarial_anchors_attack_each_anchor_in_turn_and_hold_the_student_to_the_teacher_there():
+    """--adversarial-anchors N: every --adversarial-every steps a soft prompt is optimised to draw the next anchor's
+    pictures through the membranes and replaces the oldest of N; the term is KL(teacher || student) on every kept
+    prompt, teacher-forced on its anchor's pictures, with the anchor weight; --select-every's score leaves it out."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    config = train_config(model, tokenizer, adversarial_anchors=2, adversarial_every=2, adversarial_steps=2,
+                          batch_size=2, anchor_prompts=["cat", "car", "tree"])
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
+    lever = trainer.levers[-1]
+    assert [x.name for x in trainer.levers] == ["anchor", "soft-anchor"] and lever.weight == 3.0
+    pools, terms = [], []
+    for _ in range(5):
+        metrics = trainer.step()
+        pools.append([(a, s.clone()) for a, s in lever.pool])
+        terms.append(metrics["soft-anchor"])
+    assert [[a for a, _ in pool] for pool in pools] == [["cat"], ["cat"], ["cat", "car"], ["cat", "car"],
+                                                       ["car", "tree"]]  # attacked at steps 0, 2, 4: the oldest goes
+    assert torch.equal(pools[1][0][1], pools[2][0][1]) and torch.equal(pools[2][1][1], pools[4][0][1])
+    assert terms[0] == 0.0 and terms[-1] > 0  # untouched membranes are the teacher; trained ones are not
+    randomise(membranes, seed=2, scale=0.3)
+    trainer.step_count = 5  # no attack: the term on the kept prompts as they are
+    step = None
+    with torch.no_grad():
+        term = float(lever.loss(trainer, step))
+        expected = []
+        for k, (anchor, soft) in enumerate(lever.pool):
+            cond, _, mask = spm.soft_prompt_inputs(model, tokenizer, soft)
+            pictures = lever.references[anchor]
+            picks = [int(torch.randint(len(pictures), (), generator=trainer.generator(i, f"soft-anchor-{k}")))
+                     for i in range(2)]
+            student = spm.image_logits(model, cond.expand(2, -1, -1), mask.expand(2, -1), pictures[picks])
+            with membranes.disabled():
+                teacher = spm.image_logits(model, cond.expand(2, -1, -1), mask.expand(2, -1), pictures[picks])
+            expected.append(spm.divergence(student, teacher))
+        assert term == pytest.approx(float(sum(expected) / 2), rel=1e-5) and term > 0
+        batch, codes, teacher = spm.held_out_batch(trainer, -1)
+        with_lever = float(spm.validation_loss(trainer, batch, codes, teacher))
+        trainer.levers = trainer.levers[:1]
+        assert with_lever == float(spm.validation_loss(trainer, batch, codes, teacher))
+    resumed = spm.Trainer(model, tokenizer, membranes, config)
+    resumed.load_state_dict(trainer.state_dict() | {"levers": {"soft-anchor": lever.state_dict()}})
+    resumed.step_count = 5
+    with torch.no_grad():
+        assert float(resumed.levers[-1].loss(resumed, None)) == term  # the teacher's pictures drawn again, the same
+    trainer.step_count = 6  # the fourth attack: the cat again, against the membranes as they are now
+    lever.attack(trainer)
+    attacked = {}
+    for membranes_on in (True, False):
+        generator = torch.Generator().manual_seed(spm.derived_seed(config.seed, 6, "cat", "soft-anchor"))
+        with membranes.switched(membranes_on):
+            attacked[membranes_on], _ = spm.optimise_soft_prompt(model, tokenizer, lever.references["cat"], 4, 2, 1e-2,
+                                                                 config.cfg, config.temperature, generator)
+    assert [a for a, _ in lever.pool] == ["tree", "cat"] and torch.equal(lever.pool[-1][1], attacked[True])
+    assert not torch.equal(attacked[True], attacked[False])
 
 
 @pytest.fixture(scope="module")
