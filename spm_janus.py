@@ -1224,8 +1224,13 @@ class Anchoring(Lever):
                                                                trainer.generator(trainer.first_index + i, "latent"))
 
     def loss(self, trainer, step):
-        kind = "hidden" if trainer.config.loss == "hidden" else "kl"  # hidden states are held by MSE, not KL
-        return divergence(step.student[self.name], step.teacher[self.name], kind, trainer.config.kl_direction)
+        return anchor_divergence(trainer.config, step.student[self.name], step.teacher[self.name])
+
+
+def anchor_divergence(config, student, teacher):
+    """An anchor's term: KL(teacher || student) on logits (whatever --loss compares for the erasure), MSE on hidden
+    states, which KL does not compare."""
+    return divergence(student, teacher, "hidden" if config.loss == "hidden" else "kl", config.kl_direction)
 
 
 def tokenizer_words(tokenizer):
@@ -1270,6 +1275,19 @@ def teacher_pictures(trainer, concept):
                               list(range(max(1, -(-8 // len(c.templates))))), c.cfg, c.temperature).flatten(0, 1)
 
 
+def cached_pictures(references, trainer, name):
+    """references[name]: the teacher's pictures of `name` (teacher_pictures), drawn at the first call only."""
+    if name not in references:
+        references[name] = teacher_pictures(trainer, name)
+    return references[name]
+
+
+def row_picks(trainer, sizes, purpose):
+    """For each row i of the step, an index below sizes[i] from the row's own seeded generator."""
+    return [int(torch.randint(n, (), generator=trainer.generator(trainer.first_index + i, purpose)))
+            for i, n in enumerate(sizes)]
+
+
 def adversary_pictures(trainer, step, references):
     """What the adversaries' rows are teacher-forced on, (codes [B, N], erasure target): the concept rows' rollout
     and the step's target, or (--adversary-codes concept) per row one of the concept's `references` pictures and the
@@ -1277,9 +1295,7 @@ def adversary_pictures(trainer, step, references):
     c, batch = trainer.config, step.batch
     if c.adversary_codes == "rollout":
         return step.codes["concept"], step.target
-    picks = [int(torch.randint(len(references[concept]), (),
-                               generator=trainer.generator(trainer.first_index + i, "adversary-codes")))
-             for i, (concept, _) in enumerate(batch.picks)]
+    picks = row_picks(trainer, [len(references[concept]) for concept, _ in batch.picks], "adversary-codes")
     codes = torch.stack([references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
     with torch.no_grad(), trainer.membranes.disabled():
         teacher = trainer.distributions(batch, {**step.codes, "concept": codes}, ["concept", "surrogate"])
@@ -1300,8 +1316,7 @@ class SoftPromptAdversary(Lever):
     def adversaries(self, trainer, step):
         c, model, tokenizer = trainer.config, trainer.model, trainer.tokenizer
         for concept in c.concept:
-            if concept not in self.references:
-                self.references[concept] = teacher_pictures(trainer, concept)
+            cached_pictures(self.references, trainer, concept)
             if trainer.step_count % c.adversarial_every == 0:
                 pool = self.pool.setdefault(concept, [])
                 slot = trainer.step_count // c.adversarial_every % c.adversary_pool
@@ -1398,12 +1413,9 @@ class LatentAdversary(Lever):
         B, layer = c.batch_size, model.config.text_config.num_hidden_layers // 2 if c.latent_layer is None \
             else c.latent_layer
         for concept in c.concept:
-            if concept not in self.references:
-                self.references[concept] = teacher_pictures(trainer, concept)
-        picks = [torch.randint(len(self.references[concept]), (), generator=trainer.generator(trainer.first_index + i,
-                                                                                            "latent-adversary"))
-                 for i, (concept, _) in enumerate(batch.picks)]
-        references = torch.stack([self.references[concept][int(k)] for (concept, _), k in zip(batch.picks, picks)])
+            cached_pictures(self.references, trainer, concept)
+        picks = row_picks(trainer, [len(self.references[concept]) for concept, _ in batch.picks], "latent-adversary")
+        references = torch.stack([self.references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
         codes, target = adversary_pictures(trainer, step, self.references)
         if c.adversary_codes == "concept":  # attacked on the pictures it is trained on
             references = codes
@@ -1455,13 +1467,11 @@ class SoftAnchorAdversary(Lever):
     def attack(self, trainer):
         c, attacks = trainer.config, trainer.step_count // trainer.config.adversarial_every
         anchor = c.anchor_prompts[attacks % len(c.anchor_prompts)]
-        if anchor not in self.references:
-            self.references[anchor] = teacher_pictures(trainer, anchor)
+        pictures = cached_pictures(self.references, trainer, anchor)
         generator = torch.Generator().manual_seed(derived_seed(c.seed, trainer.step_count, anchor, "soft-anchor"))
         with torch.enable_grad():
-            soft, _ = optimise_soft_prompt(trainer.model, trainer.tokenizer, self.references[anchor],
-                                           c.adversarial_tokens, c.adversarial_steps, 1e-2, c.cfg, c.temperature,
-                                           generator)
+            soft, _ = optimise_soft_prompt(trainer.model, trainer.tokenizer, pictures, c.adversarial_tokens,
+                                           c.adversarial_steps, 1e-2, c.cfg, c.temperature, generator)
         self.pool = (self.pool + [(anchor, soft)])[-self.size:]
 
     def loss(self, trainer, step):
@@ -1471,26 +1481,20 @@ class SoftAnchorAdversary(Lever):
         parts, codes = [], []
         for k, (anchor, soft) in enumerate(self.pool):
             cond, uncond, mask = soft_prompt_inputs(trainer.model, trainer.tokenizer, soft.to(trainer.device))
-            pictures = self.references.get(anchor)
-            if pictures is None:  # resumed: the teacher's pictures of an anchor are drawn again, the same
-                pictures = self.references[anchor] = teacher_pictures(trainer, anchor)
-            picks = [int(torch.randint(len(pictures), (), generator=trainer.generator(trainer.first_index + i,
-                                                                                       f"soft-anchor-{k}")))
-                     for i in range(B)]
-            codes.append(pictures[picks])
+            pictures = cached_pictures(self.references, trainer, anchor)  # after --resume: drawn again, the same
+            codes.append(pictures[row_picks(trainer, [len(pictures)] * B, f"soft-anchor-{k}")])
             parts.append((cond.expand(B, -1, -1), uncond.expand(B, -1, -1), mask.expand(B, -1)))
         cond, uncond, mask = (torch.cat(p) for p in zip(*parts))
-        codes, hidden = torch.cat(codes), c.loss == "hidden"
+        codes = torch.cat(codes)
 
         def distribution():
-            logits = image_logits(trainer.model, cond, mask, codes, hidden)
+            logits = image_logits(trainer.model, cond, mask, codes, c.loss == "hidden")
             unconditional = image_logits(trainer.model, uncond, mask, codes) if c.loss_on == "cfg" else None
             return trainer.distribution(logits, unconditional)
 
         with torch.no_grad(), trainer.membranes.disabled():
             teacher = distribution()
-        kind = "hidden" if hidden else "kl"
-        return divergence(distribution(), teacher, kind, c.kl_direction)
+        return anchor_divergence(c, distribution(), teacher)
 
     def state_dict(self):
         if not self.pool:
@@ -1498,7 +1502,7 @@ class SoftAnchorAdversary(Lever):
         return {"anchors": [a for a, _ in self.pool], "soft": torch.stack([s for _, s in self.pool]).cpu()}
 
     def load_state_dict(self, state):
-        self.pool = list(zip(state.get("anchors", []), state["soft"])) if state else []
+        self.pool = list(zip(state["anchors"], state["soft"])) if state else []
 
 
 @contextlib.contextmanager

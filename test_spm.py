@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -1868,6 +1869,17 @@ def test_adversary_pool_refreshes_one_prompt_in_turn_and_trains_on_all(tmp_path)
     assert len(legacy.levers[0].pool["mouse"]) == 1 and torch.equal(legacy.levers[0].pool["mouse"][0], seen[2][0])
 
 
+@pytest.mark.parametrize("loss,kind", [("kl", "kl"), ("mse", "kl"), ("hidden", "hidden")])
+def test_anchors_are_held_by_kl_on_logits_whatever_the_erasure_loss_and_by_mse_on_hidden_states(loss, kind):
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)
+    config = spm.Config(concept="mouse", loss=loss, anchor_prompts=["cat"])
+    expected = spm.divergence(student, teacher, kind)
+    assert torch.equal(spm.anchor_divergence(config, student, teacher), expected)
+    step = types.SimpleNamespace(student={"anchor": student}, teacher={"anchor": teacher})
+    assert torch.equal(spm.Anchoring(config).loss(types.SimpleNamespace(config=config), step), expected)
+
+
 def test_adversarial_anchors_attack_each_anchor_in_turn_and_hold_the_student_to_the_teacher_there():
     """--adversarial-anchors N: every --adversarial-every steps a soft prompt is optimised to draw the next anchor's
     pictures through the membranes and replaces the oldest of N; the term is KL(teacher || student) on every kept
@@ -1890,9 +1902,8 @@ def test_adversarial_anchors_attack_each_anchor_in_turn_and_hold_the_student_to_
     assert terms[0] == 0.0 and terms[-1] > 0  # untouched membranes are the teacher; trained ones are not
     randomise(membranes, seed=2, scale=0.3)
     trainer.step_count = 5  # no attack: the term on the kept prompts as they are
-    step = None
     with torch.no_grad():
-        term = float(lever.loss(trainer, step))
+        term = float(lever.loss(trainer, None))
         expected = []
         for k, (anchor, soft) in enumerate(lever.pool):
             cond, _, mask = spm.soft_prompt_inputs(model, tokenizer, soft)
