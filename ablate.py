@@ -200,7 +200,8 @@ def build_parser():
                         help="run only settings (and levers) whose name contains this, or is this")
     parser.add_argument("--levers", action="store_true", help="also run the robustness levers")
     parser.add_argument("--types", action="store_true", help="run the concept-type block instead: a style and a "
-                                                             "colour, each with two surrogates")
+                                                             "colour, each with two surrogates. With --quick KEY=VALUE: those "
+                                                             "overrides on every row (pick rows with --only)")
     parser.add_argument("--peers", action="store_true", help="run the peers instead: EAR-style, ESD-style, SPM (the "
                                                              "poster's and today's default) and the oracle, with the "
                                                              "soft attack's budget curve")
@@ -219,6 +220,8 @@ def build_parser():
                              "every prompt without and with facilitated transport: the other objects kept, each "
                              "object's rates, and each drawn on the other's prompts; one JSON line per seed and "
                              "transport. With --quick KEY=VALUE: those overrides on both runs")
+    parser.add_argument("--pair-avoid", action="store_true",
+                        help="with --pair: each object's run also gets --avoid <the other object>")
     parser.add_argument("--peer-results", nargs="*", default=[], metavar="JSON",
                         help="ablation.json files of --peers runs, drawn on the --depth plot")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
@@ -238,6 +241,8 @@ def main(argv=None):
                                ("--first-seed", args.first_seed, 0)):
         if value < least:
             build_parser().error(f"{flag} {value} must be at least {least}")
+    if args.pair_avoid and not args.pair:
+        build_parser().error("--pair-avoid is a setting of --pair: add --pair OBJECT OBJECT")
     if args.depth:
         return depth_table(args)
     torch.set_num_threads(1)
@@ -248,9 +253,7 @@ def main(argv=None):
     if args.quick:
         return quick(args)
     candidates = PEERS if args.peers else SETTINGS + (LEVERS if args.levers or args.only else [])
-    exact = {o for o in args.only or [] if o in {name for name, _ in candidates}}  # a full name means that one
-    settings = [s for s in candidates if not args.only or s[0] in exact or
-                any(o in s[0] for o in args.only if o not in exact)]
+    settings = only(candidates, args.only)
 
     model, tokenizer = spm.load_model("toy")
     cfg, temperature = spm.generation_defaults(model)
@@ -371,6 +374,12 @@ def oracle_row(args, prompts, judge, draw, base_codes, synonyms, attacks, attack
     return {"setting": f"the oracle: {ORACLE} (the floor)", "settings": {}, "seeds": [row]}
 
 
+def only(candidates, names):
+    """--only's settings: a full name means that one, any other text every setting whose name contains it."""
+    exact = {o for o in names or [] if o in {name for name, _ in candidates}}
+    return [s for s in candidates if not names or s[0] in exact or any(o in s[0] for o in names if o not in exact)]
+
+
 def quick_overrides(items):
     """--quick's KEY=VALUE items as Config overrides: numbers, booleans and JSON lists as such, other values as text."""
     overrides = {}
@@ -458,8 +467,9 @@ def pair(args):
             out = Path(args.runs) / f"{concept}-s{seed}"
             started = time.time()
             with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
-                runs.append(spm.train(spm.Config(**settings, model="toy", concept=concept, seed=seed, out=str(out),
-                                                 sample_every=0, save_every=0), overwrite=True))
+                avoid = {"avoid": [o for o in args.pair if o != concept]} if args.pair_avoid else {}
+                runs.append(spm.train(spm.Config(**{**settings, **avoid}, model="toy", concept=concept, seed=seed,
+                                                 out=str(out), sample_every=0, save_every=0), overwrite=True))
             seconds.append(round(time.time() - started))
         group = inference.MembraneGroup([m for m, _ in inference.load_all_membranes([r.out for r in runs], model,
                                                                                     tokenizer)])
@@ -475,7 +485,8 @@ def pair(args):
 
             records = evaluation.judge_records(draw, prompts, judge, args.n, base_codes)
             figures = pair_figures(records, args.pair, {t for r in runs for t in r.templates}, synonyms)
-            print(json.dumps({"pair": list(args.pair), "overrides": overrides, "seed": seed, "transport": transport,
+            print(json.dumps({"pair": list(args.pair), "overrides": overrides, "avoid": args.pair_avoid,
+                              "seed": seed, "transport": transport,
                               "seconds": seconds, **figures}), flush=True)
         for membranes in group.sets:
             membranes.detach()
@@ -576,7 +587,14 @@ def concept_types(args):
     model, tokenizer = spm.load_model("toy")
     cfg, temperature = spm.generation_defaults(model)
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))
-    settings = [s for s in TYPES if not args.only or any(o in s[0] for o in args.only)]
+    settings = only(TYPES, args.only)
+    if args.quick:  # the same rows with --quick's overrides on top, named by them
+        extra = quick_overrides(args.quick)
+        if HOLD_OUT in extra:
+            build_parser().error(f"--types --quick {HOLD_OUT}: the toy's objects are held out of an object's "
+                                 f"vocabulary anchors only; drop it")
+        settings = [(f"{name}, {setting_name(extra)}" if extra else name, {**overrides, **extra})
+                    for name, overrides in settings]
 
     def draw(erased, text_prompts):
         progress = tqdm(text_prompts, desc=f"{'erased' if erased else 'base'}: {args.n} pictures per prompt",

@@ -206,6 +206,10 @@ class Config:
                                        "anchor in turn; each step the student on every kept prompt, teacher-forced on "
                                        "its anchor's pictures, is held to the teacher there (0 = off)", "anchoring",
                                        least=0)
+    avoid: list = setting(None, "a concept the erased prompts must not turn into, e.g. one another membrane erases; "
+                          "repeatable: per step and row the student's likelihood of one of the teacher's pictures of "
+                          "it, given the concept prompt, is held at most at the teacher's", "anchoring", type=str,
+                          many=True)
     steps: int = setting(400, "optimisation steps", "optimisation", least=1, resumable=True)
     batch_size: int = setting(4, "concept rollouts per step (per process)", "optimisation", least=1)
     lr: float = setting(1e-3, "AdamW peak learning rate", "optimisation")
@@ -245,6 +249,10 @@ class Config:
         self.modules, self.templates = listed(self.modules) or None, listed(self.templates)
         self.sample_prompts = listed(self.sample_prompts)
         self.anchor_prompts = [c.strip() for c in listed(self.anchor_prompts) or [] if c.strip()] or None
+        self.avoid = [c.strip() for c in listed(self.avoid) or [] if c.strip()]
+        if set(self.avoid) & set(self.concept):
+            raise SPMError(f"--avoid {sorted(set(self.avoid) & set(self.concept))[0]!r} is a concept this run "
+                           f"erases: name another one, e.g. the concept of another membrane", 2)
         for f in dataclasses.fields(self):
             value, meta, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
             if meta["choices"] and value is not None and value not in meta["choices"]:
@@ -291,7 +299,8 @@ class Config:
         """A copy with every None filled in from the model and its tokenizer, and checked against them."""
         preset = PRESETS[self.concept_type]
         surrogate = preset.surrogate if self.surrogate is None else self.surrogate
-        unknown = [c for c in self.concept + [surrogate] if c not in ("", "-") and not known_concepts(tokenizer, [c])]
+        unknown = [c for c in self.concept + [surrogate] + self.avoid
+                   if c not in ("", "-") and not known_concepts(tokenizer, [c])]
         if unknown:
             raise SPMError(f"{unknown[0]!r} has words this model's tokenizer cannot spell: choose another word", 2)
         templates = self.templates or [t for t in preset.templates if known_concepts(tokenizer, [t.format("")])]
@@ -1619,6 +1628,28 @@ def validation_loss(trainer, batch, codes, teacher):
     return loss
 
 
+class Avoidance(Lever):
+    """--avoid: the erased prompts may not draw another concept more often than the teacher does. Per row, one of the
+    teacher's pictures of an avoided concept, teacher-forced under the row's concept prompt: relu(the student's mean
+    log-likelihood per image token - the teacher's), of what is sampled (CFG, temperature). The erasure target says
+    nothing of what a picture becomes, and a KL towards it barely weighs mass where the target has none; this term
+    weighs exactly that mass."""
+    name = "avoid"
+
+    def __init__(self, config):
+        self.concepts, self.references = config.avoid, {}
+
+    def loss(self, trainer, step):
+        c, rows = trainer.config, step.batch.rows["concept"]
+        pictures = torch.cat([cached_pictures(self.references, trainer, a) for a in self.concepts])
+        codes = pictures[row_picks(trainer, [len(pictures)] * (rows.stop - rows.start), "avoid")]
+        inputs = (step.batch.cond[rows.start:rows.stop], step.batch.uncond[rows.start:rows.stop],
+                  step.batch.mask[rows.start:rows.stop], codes, c.cfg, c.temperature)
+        with torch.no_grad(), trainer.membranes.disabled():
+            teacher = cfg_log_likelihood(trainer.model, *inputs)
+        return F.relu(cfg_log_likelihood(trainer.model, *inputs) - teacher).mean()
+
+
 def levers_for(config):
     """The plug-ins a Config switches on, in the order their rows enter the batch."""
     return ([Anchoring(config)] if config.anchor in ("prompts", "latent") else []) + \
@@ -1626,6 +1657,7 @@ def levers_for(config):
         ([LatentAdversary(config)] if config.latent_eps > 0 else []) + \
         ([VocabularyAnchoring(config)] if config.anchor_vocabulary else []) + \
         ([SoftAnchorAdversary(config)] if config.adversarial_anchors else []) + \
+        ([Avoidance(config)] if config.avoid else []) + \
         ([MembraneAverage(config)] if config.ema else []) + \
         ([CheckpointSelection(config)] if config.select_every else [])
 

@@ -541,7 +541,8 @@ def test_a_lever_plugs_in_without_touching_the_step():
                                                                               "--rollout target"),
     (dict(save_every=-1), "--save-every"), (dict(adversarial_tokens=0), "--adversarial-tokens"),
     (dict(ema=1), "--ema 1 is a decay"), (dict(ema=0.9, select_every=5), "--ema and --select-every"),
-    (dict(adversarial_anchors=2, anchor="latent"), "--adversarial-anchors draws the anchors' pictures")])
+    (dict(adversarial_anchors=2, anchor="latent"), "--adversarial-anchors draws the anchors' pictures"),
+    (dict(avoid=["cat", "mouse"]), "--avoid 'mouse' is a concept this run erases")])
 def test_config_validates_once_with_one_line_errors(settings, needle):
     with pytest.raises(spm.SPMError, match=re.escape(needle)) as error:
         spm.Config(**{"concept": "mouse", **settings})
@@ -996,6 +997,7 @@ def test_mismatched_tensor_names_are_rejected(tmp_path):
     (["--device", "cuda"], 2, "CUDA"),
     (["--model", "/nonexistent/janus"], 2, "no such directory"),
     (["--concept", "zebra"], 2, "cannot spell"),
+    (["--avoid", "zebra"], 2, "'zebra' has words this model's tokenizer cannot spell"),
 ])
 def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, argv, code, needle, capsys):
     if needle == "CUDA" and torch.cuda.is_available():
@@ -1880,6 +1882,46 @@ def test_anchors_are_held_by_kl_on_logits_whatever_the_erasure_loss_and_by_mse_o
     assert torch.equal(spm.Anchoring(config).loss(types.SimpleNamespace(config=config), step), expected)
 
 
+def test_avoid_holds_the_concept_prompts_likelihood_of_the_avoided_pictures_at_most_at_the_teachers():
+    """--avoid cat: per row one of the teacher's cat pictures, teacher-forced under the row's mouse prompt, and
+    relu(student's - teacher's mean log-likelihood per token, CFG and temperature as sampled). Zero while the student
+    is the teacher or below it; membranes trained to turn the mouse into cats pay for it, and the term alone undoes
+    that."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    config = train_config(model, tokenizer, avoid=["cat"], anchor_prompts=["car"], batch_size=2)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
+    lever = trainer.levers[-1]
+    assert [x.name for x in trainer.levers] == ["anchor", "avoid"] and lever.weight == 1.0
+    assert trainer.step()["avoid"] == 0.0  # the membranes start as the identity
+    batch = spm.Batch(trainer, trainer.pick(config.concept, "concept"))
+    pictures = spm.teacher_pictures(trainer, "cat")
+    assert torch.equal(lever.references["cat"], pictures)
+    codes = pictures[[int(torch.randint(len(pictures), (), generator=trainer.generator(i, "avoid"))) for i in range(2)]]
+    inputs = (batch.cond[:2], batch.uncond[:2], batch.mask[:2], codes, config.cfg, config.temperature)
+    with torch.no_grad(), membranes.disabled():
+        teacher = spm.cfg_log_likelihood(model, *inputs)
+    optimizer = torch.optim.Adam(membranes.parameters(), lr=0.05)
+    randomise(membranes, seed=3, scale=0.1)
+    for _ in range(10):  # membranes that turn the mouse prompts into cats
+        optimizer.zero_grad()
+        (-spm.cfg_log_likelihood(model, *inputs).mean()).backward()
+        optimizer.step()
+    step = types.SimpleNamespace(batch=batch)
+    with torch.no_grad():
+        student = spm.cfg_log_likelihood(model, *inputs)
+        assert (student > teacher).all()
+        assert float(lever.loss(trainer, step)) == pytest.approx(float((student - teacher).mean()), rel=1e-6)
+    for _ in range(30):  # the term alone brings them back to the teacher's likelihood
+        optimizer.zero_grad()
+        lever.loss(trainer, step).backward()
+        optimizer.step()
+    with torch.no_grad():
+        gap = spm.cfg_log_likelihood(model, *inputs) - teacher
+        assert float(lever.loss(trainer, step)) == pytest.approx(float(gap.clamp(min=0).mean()), rel=1e-6, abs=1e-9)
+        assert gap.max() < 0.1 * (student - teacher).min()
+
+
 def test_adversarial_anchors_attack_each_anchor_in_turn_and_hold_the_student_to_the_teacher_there():
     """--adversarial-anchors N: every --adversarial-every steps a soft prompt is optimised to draw the next anchor's
     pictures through the membranes and replaces the oldest of N; the term is KL(teacher || student) on every kept
@@ -2513,6 +2555,17 @@ def test_ablate_pair_counts_each_object_drawn_on_the_others_prompts(capsys):
     for bad in (["mouse", "mouse"], ["mouse", "unicorn"]):
         assert main_exit_code(ablate.main, ["--pair", *bad]) == 2
         assert f"--pair {' '.join(bad)}: give two different toy objects" in capsys.readouterr().err
+    assert main_exit_code(ablate.main, ["--pair-avoid"]) == 2
+    assert "--pair-avoid is a setting of --pair: add --pair OBJECT OBJECT" in capsys.readouterr().err
+
+
+def test_ablate_only_takes_a_full_name_as_that_setting_and_other_text_as_a_part_of_names():
+    import ablate
+    names = [name for name, _ in ablate.only(ablate.TYPES, ["style: pastel"])]
+    assert names == ["style: pastel"]  # not also "style: pastel, surrogate '' (empty prompt)"
+    assert [n for n, _ in ablate.only(ablate.TYPES, ["pastel"])] == [n for n, _ in ablate.TYPES if "pastel" in n]
+    assert len(ablate.only(ablate.TYPES, ["pastel", "attribute: red"])) == 3 and ablate.only(ablate.TYPES, None) == \
+        ablate.TYPES
 
 
 def test_scope_prompt_plus_image_trains_the_membranes_of_scope_all():
