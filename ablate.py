@@ -222,6 +222,9 @@ def build_parser():
                              "transport. With --quick KEY=VALUE: those overrides on both runs")
     parser.add_argument("--pair-avoid", action="store_true",
                         help="with --pair: each object's run also gets --avoid <the other object>")
+    parser.add_argument("--pair-stack", action="store_true",
+                        help="with --pair: the second object's run trains on top of the first's membranes "
+                             "(--on-top), so that its teacher and anchors are the first object's erased model")
     parser.add_argument("--peer-results", nargs="*", default=[], metavar="JSON",
                         help="ablation.json files of --peers runs, drawn on the --depth plot")
     parser.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (training never samples it)")
@@ -241,8 +244,9 @@ def main(argv=None):
                                ("--first-seed", args.first_seed, 0)):
         if value < least:
             build_parser().error(f"{flag} {value} must be at least {least}")
-    if args.pair_avoid and not args.pair:
-        build_parser().error("--pair-avoid is a setting of --pair: add --pair OBJECT OBJECT")
+    for flag, value in (("--pair-avoid", args.pair_avoid), ("--pair-stack", args.pair_stack)):
+        if value and not args.pair:
+            build_parser().error(f"{flag} is a setting of --pair: add --pair OBJECT OBJECT")
     if args.depth:
         return depth_table(args)
     torch.set_num_threads(1)
@@ -468,6 +472,8 @@ def pair(args):
             started = time.time()
             with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
                 avoid = {"avoid": [o for o in args.pair if o != concept]} if args.pair_avoid else {}
+                if args.pair_stack and runs:
+                    avoid["on_top"] = [str(runs[0].out)]
                 runs.append(spm.train(spm.Config(**{**settings, **avoid}, model="toy", concept=concept, seed=seed,
                                                  out=str(out), sample_every=0, save_every=0), overwrite=True))
             seconds.append(round(time.time() - started))
@@ -486,6 +492,7 @@ def pair(args):
             records = evaluation.judge_records(draw, prompts, judge, args.n, base_codes)
             figures = pair_figures(records, args.pair, {t for r in runs for t in r.templates}, synonyms)
             print(json.dumps({"pair": list(args.pair), "overrides": overrides, "avoid": args.pair_avoid,
+                              "stack": args.pair_stack,
                               "seed": seed, "transport": transport,
                               "seconds": seconds, **figures}), flush=True)
         for membranes in group.sets:

@@ -9,6 +9,7 @@ model, understanding drift (membranes on vs off), and the PEFT export.
 """
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -82,6 +83,13 @@ def load_all_membranes(paths, model, tokenizer):
             raise spm.SPMError(f"--ckpt {path}: scope {membranes.scope} differs from --ckpt {paths[0]}'s scope "
                                f"{loaded[0][0].scope}; membranes loaded together must share the scope", 2)
         loaded.append((membranes, metadata))
+    given = {spm.checkpoint_path(p).resolve() for p in paths}
+    for path, (_, metadata) in zip(paths, loaded):
+        for beneath in metadata["config"].get("on_top") or []:
+            file = Path(beneath) / spm.CHECKPOINT_NAME if Path(beneath).is_dir() else Path(beneath)
+            if file.resolve() not in given:
+                print(f"note: {path} was trained on top of {beneath}'s membranes: load both (--ckpt {beneath} --ckpt "
+                      f"{path}) for what it was trained to draw", file=sys.stderr)
     return loaded
 
 

@@ -139,6 +139,10 @@ class Config:
     rank: int = setting(1, "membrane rank (SPM: 1); full = the full rank of every wrapped Linear, a full-rank delta "
                         "(what ESD and EAR fine-tune)", "membranes", type=rank_value)
     alpha: float = setting(1.0, "the delta is scaled by alpha / rank", "membranes")
+    on_top: list = setting(None, "run directory whose membranes this run trains on top of, loaded frozen and on "
+                           "throughout, so that the teacher is the model with them: the anchors hold what both sets "
+                           "draw together (load them so: sample.py --ckpt DIR --ckpt OUT); repeatable", "membranes",
+                           type=str, many=True)
     concept: list = setting(None, "concept to erase; repeat for several (required)", "prompts", type=str, many=True)
     concept_type: str = setting("object", "what the concept is: an object ('a photo of a {}'), a style ('a {} cat', "
                                 "artists), an attribute such as a colour ('a {} car'), or nudity; it chooses the default "
@@ -208,8 +212,8 @@ class Config:
                                        least=0)
     avoid: list = setting(None, "a concept the erased prompts must not turn into, e.g. one another membrane erases; "
                           "repeatable: per step and row the student's likelihood of one of the teacher's pictures of "
-                          "it, given the concept prompt, is held at most at the teacher's", "anchoring", type=str,
-                          many=True)
+                          "it, given the concept prompt, is held at most at the erasure target's", "anchoring",
+                          type=str, many=True)
     steps: int = setting(400, "optimisation steps", "optimisation", least=1, resumable=True)
     batch_size: int = setting(4, "concept rollouts per step (per process)", "optimisation", least=1)
     lr: float = setting(1e-3, "AdamW peak learning rate", "optimisation")
@@ -250,6 +254,7 @@ class Config:
         self.sample_prompts = listed(self.sample_prompts)
         self.anchor_prompts = [c.strip() for c in listed(self.anchor_prompts) or [] if c.strip()] or None
         self.avoid = [c.strip() for c in listed(self.avoid) or [] if c.strip()]
+        self.on_top = listed(self.on_top) or []
         if set(self.avoid) & set(self.concept):
             raise SPMError(f"--avoid {sorted(set(self.avoid) & set(self.concept))[0]!r} is a concept this run "
                            f"erases: name another one, e.g. the concept of another membrane", 2)
@@ -1629,25 +1634,32 @@ def validation_loss(trainer, batch, codes, teacher):
 
 
 class Avoidance(Lever):
-    """--avoid: the erased prompts may not draw another concept more often than the teacher does. Per row, one of the
-    teacher's pictures of an avoided concept, teacher-forced under the row's concept prompt: relu(the student's mean
-    log-likelihood per image token - the teacher's), of what is sampled (CFG, temperature). The erasure target says
-    nothing of what a picture becomes, and a KL towards it barely weighs mass where the target has none; this term
-    weighs exactly that mass."""
+    """--avoid: the erased prompts may not draw another concept more often than a model that met the erasure target
+    would. Per row, one of the teacher's pictures of an avoided concept, teacher-forced under the row's concept
+    prompt: relu(the student's mean log-likelihood per image token - the target's), both of what is sampled (CFG,
+    temperature; the target's with the teacher's unconditional logits). Not the teacher's: any erasure lifts what the
+    concept's guidance held down, the avoided concept with the rest. A KL towards the target barely weighs mass where
+    the target has none; this term weighs exactly that mass."""
     name = "avoid"
 
     def __init__(self, config):
         self.concepts, self.references = config.avoid, {}
 
     def loss(self, trainer, step):
-        c, rows = trainer.config, step.batch.rows["concept"]
+        c, batch = trainer.config, step.batch
+        rows, surrogate = batch.rows["concept"], batch.rows["surrogate"]
         pictures = torch.cat([cached_pictures(self.references, trainer, a) for a in self.concepts])
         codes = pictures[row_picks(trainer, [len(pictures)] * (rows.stop - rows.start), "avoid")]
-        inputs = (step.batch.cond[rows.start:rows.stop], step.batch.uncond[rows.start:rows.stop],
-                  step.batch.mask[rows.start:rows.stop], codes, c.cfg, c.temperature)
+        cond, uncond, mask = (x[rows.start:rows.stop] for x in (batch.cond, batch.uncond, batch.mask))
+        parts = [(cond, mask, codes), (uncond, mask, codes)] + ([] if surrogate.unconditional else [
+            (batch.cond[surrogate.start:surrogate.stop], batch.mask[surrogate.start:surrogate.stop], codes)])
         with torch.no_grad(), trainer.membranes.disabled():
-            teacher = cfg_log_likelihood(trainer.model, *inputs)
-        return F.relu(cfg_log_likelihood(trainer.model, *inputs) - teacher).mean()
+            concept, unconditional, *substitute = batched_image_logits(trainer.model, parts)
+            substitute = substitute[0] if substitute else unconditional
+            target = code_log_likelihood(erasure_target(concept, substitute, c.eta), unconditional, codes, c.cfg,
+                                         c.temperature)
+        student = cfg_log_likelihood(trainer.model, cond, uncond, mask, codes, c.cfg, c.temperature)
+        return F.relu(student - target).mean()
 
 
 def levers_for(config):
@@ -1960,6 +1972,36 @@ def load_membranes(path, model, tokenizer):
     return membranes, metadata
 
 
+def on_top_files(config):
+    """--on-top's membranes files, checked before anything is written."""
+    files = []
+    for path in config.on_top:
+        if Path(path).resolve() == Path(config.out).resolve():
+            raise SPMError(f"--on-top {path} is this run's own --out: give the run directory of another erasure", 2)
+        file = Path(path) / CHECKPOINT_NAME if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise SPMError(f"--on-top {path}: no {CHECKPOINT_NAME} there; give the run directory of an earlier "
+                           f"erasure of this model", 2)
+        scope = read_checkpoint(file)[1]["scope"]
+        if scope != config.scope:
+            raise SPMError(f"--on-top {path}: its membranes have scope {scope}, this run's {config.scope}; membranes "
+                           f"loaded together share the scope: pass --scope {scope}", 2)
+        files.append(file)
+    return files
+
+
+def load_beneath(model, tokenizer, config):
+    """--on-top: the membranes of those runs on `model`, frozen and on; attach the run's own after them, so that
+    switching its own off leaves the model with these (the teacher). Returns them."""
+    beneath = []
+    for file in on_top_files(config):
+        membranes, _ = load_membranes(file, model, tokenizer)
+        for p in membranes.parameters():
+            p.requires_grad_(False)
+        beneath.append(membranes)
+    return beneath
+
+
 def save_run(out, trainer, world_size=1):
     """The trainer state first, then the membranes: each file is atomic, and the state holds its own copy of the
     membranes, so a kill between the two leaves a consistent pair to resume from."""
@@ -2146,6 +2188,7 @@ def train(config, resume=False, overwrite=False):
     """Train the membranes of a Config into config.out; returns the resolved Config."""
     device = pick_device(config.device)
     model_config = load_config(config.model)  # a missing model leaves no empty run directory behind
+    on_top_files(config)
     out = prepare_out_dir(config.out, resume, overwrite)
     set_threads(config.threads, model_config, device)
     membrane_targets(model_config.text_config.num_hidden_layers, config.layers, config.modules,
@@ -2153,6 +2196,7 @@ def train(config, resume=False, overwrite=False):
     rank, world, device = setup_distributed(device)
     model, tokenizer = load_model(config.model, config.dtype, device)
     config = config.resolved(model, tokenizer)
+    load_beneath(model, tokenizer, config)
     membranes = attach_for(model, tokenizer, config)
     trainer = Trainer(model, tokenizer, membranes, config, first_index=rank * config.batch_size)
     if resume:
