@@ -199,9 +199,9 @@ def build_parser():
     parser.add_argument("--only", action="append", default=None,
                         help="run only settings (and levers) whose name contains this, or is this")
     parser.add_argument("--levers", action="store_true", help="also run the robustness levers")
-    parser.add_argument("--types", action="store_true", help="run the concept-type block instead: a style and a "
-                                                             "colour, each with two surrogates. With --quick KEY=VALUE: those "
-                                                             "overrides on every row (pick rows with --only)")
+    parser.add_argument("--types", action="store_true",
+                        help="run the concept-type block instead: a style and a colour, each with two surrogates. "
+                             "With --quick KEY=VALUE: those overrides on every row (pick rows with --only)")
     parser.add_argument("--peers", action="store_true", help="run the peers instead: EAR-style, ESD-style, SPM (the "
                                                              "poster's and today's default) and the oracle, with the "
                                                              "soft attack's budget curve")
@@ -471,10 +471,10 @@ def pair(args):
             out = Path(args.runs) / f"{concept}-s{seed}"
             started = time.time()
             with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
-                avoid = {"avoid": [o for o in args.pair if o != concept]} if args.pair_avoid else {}
+                levers = {"avoid": [o for o in args.pair if o != concept]} if args.pair_avoid else {}
                 if args.pair_stack and runs:
-                    avoid["on_top"] = [str(runs[0].out)]
-                runs.append(spm.train(spm.Config(**{**settings, **avoid}, model="toy", concept=concept, seed=seed,
+                    levers["on_top"] = [str(runs[0].out)]
+                runs.append(spm.train(spm.Config(**{**settings, **levers}, model="toy", concept=concept, seed=seed,
                                                  out=str(out), sample_every=0, save_every=0), overwrite=True))
             seconds.append(round(time.time() - started))
         group = inference.MembraneGroup([m for m, _ in inference.load_all_membranes([r.out for r in runs], model,
@@ -492,8 +492,7 @@ def pair(args):
             records = evaluation.judge_records(draw, prompts, judge, args.n, base_codes)
             figures = pair_figures(records, args.pair, {t for r in runs for t in r.templates}, synonyms)
             print(json.dumps({"pair": list(args.pair), "overrides": overrides, "avoid": args.pair_avoid,
-                              "stack": args.pair_stack,
-                              "seed": seed, "transport": transport,
+                              "stack": args.pair_stack, "seed": seed, "transport": transport,
                               "seconds": seconds, **figures}), flush=True)
         for membranes in group.sets:
             membranes.detach()
