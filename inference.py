@@ -86,8 +86,7 @@ def load_all_membranes(paths, model, tokenizer):
     given = {spm.checkpoint_path(p).resolve() for p in paths}
     for path, (_, metadata) in zip(paths, loaded):
         for beneath in metadata["config"].get("on_top") or []:
-            file = Path(beneath) / spm.CHECKPOINT_NAME if Path(beneath).is_dir() else Path(beneath)
-            if file.resolve() not in given:
+            if spm.membranes_file(beneath).resolve() not in given:
                 print(f"note: {path} was trained on top of {beneath}'s membranes: load both (--ckpt {beneath} --ckpt "
                       f"{path}) for what it was trained to draw", file=sys.stderr)
     return loaded

@@ -1929,6 +1929,12 @@ def checkpoint_path(path):
                        f"spm_janus.py) or its {CHECKPOINT_NAME}", 2)
     if not path.exists():
         raise SPMError(f"--ckpt {path} does not exist: pass a run directory or its {CHECKPOINT_NAME}", 2)
+    return membranes_file(path)
+
+
+def membranes_file(path):
+    """A run directory's membranes file, or the path itself where it names a file; checks nothing."""
+    path = Path(path)
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
@@ -1978,7 +1984,7 @@ def on_top_files(config):
     for path in config.on_top:
         if Path(path).resolve() == Path(config.out).resolve():
             raise SPMError(f"--on-top {path} is this run's own --out: give the run directory of another erasure", 2)
-        file = Path(path) / CHECKPOINT_NAME if Path(path).is_dir() else Path(path)
+        file = membranes_file(path)
         if not file.is_file():
             raise SPMError(f"--on-top {path}: no {CHECKPOINT_NAME} there; give the run directory of an earlier "
                            f"erasure of this model", 2)
