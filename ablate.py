@@ -553,6 +553,9 @@ def depth_table(args):
     print(f"wrote {out / 'depth.md'} and {out / 'depth.png'}", file=sys.stderr)
 
 
+MARKERS = ("o", "[]", "<>")
+
+
 def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
     """A PNG, one panel per budget: the soft attack's ASR against non-anchored retention, one colour per setting
     (points: [(label, [(non_anchored_kept, curve), ...]), ...]); dashed, the targets (95% kept; 30% ASR at 300)."""
@@ -578,13 +581,19 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
             if budget == "300":
                 draw.line([left + k, y(0.3), left + k + 4, y(0.3)], fill=(150, 150, 150))
         for i, (label, found) in enumerate(points):
-            colour = colours[i % len(colours)]
+            colour, shape = colours[i % len(colours)], MARKERS[i // len(colours) % len(MARKERS)]
             for kept, curve in found:
                 px, py = x(kept), y(curve[budget])
-                draw.ellipse([px - 4, py - 4, px + 4, py + 4], outline=colour, width=2)
-    for i, (label, _) in enumerate(points):
-        draw.text((margin + len(budgets) * (size + margin), margin + 16 * i), f"o {label}",
-                  fill=colours[i % len(colours)])
+                box = [px - 4, py - 4, px + 4, py + 4]
+                if shape == "o":
+                    draw.ellipse(box, outline=colour, width=2)
+                elif shape == "[]":
+                    draw.rectangle(box, outline=colour, width=2)
+                else:
+                    draw.polygon([(px, py - 5), (px + 5, py), (px, py + 5), (px - 5, py)], outline=colour, width=2)
+    for i, (label, _) in enumerate(points):  # more settings than colours: the next ones in the next marker
+        draw.text((margin + len(budgets) * (size + margin), margin + 16 * i),
+                  f"{MARKERS[i // len(colours) % len(MARKERS)]} {label}", fill=colours[i % len(colours)])
     image.save(path)
 
 

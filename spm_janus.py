@@ -193,6 +193,11 @@ class Config:
     latent_layer: int = setting(None, "decoder layer whose input --latent-eps perturbs (default: the middle one)",
                                 "robustness", type=int, least=0)
     latent_steps: int = setting(4, "PGD steps of each --latent-eps attack", "robustness", least=1)
+    latent_positions: str = setting("prompt", "where --latent-eps perturbs the residual stream: the concept prompt's "
+                                    "positions (where a soft prompt acts), the image positions (where the concept "
+                                    "is drawn) of the teacher's concept pictures, trained there as --adversary-codes "
+                                    "concept does, or both (prompt+image)",
+                                    "robustness", choices=("prompt", "image", "prompt+image"))
     anchor: str = setting(None, "keep other concepts: none; latent = SPM's norm-matched random concept embeddings; "
                           "prompts = --anchor-prompts (default: prompts, a built-in list of common concepts minus the "
                           "erased ones)", "anchoring", type=str, choices=("none", "latent", "prompts"))
@@ -270,6 +275,9 @@ class Config:
             raise SPMError(f"--ema {self.ema:g} is a decay per step: give a number from 0 to below 1, e.g. 0.99", 2)
         if self.ema and self.select_every:
             raise SPMError("--ema and --select-every each choose the membranes a checkpoint publishes: use one", 2)
+        if self.latent_positions != "prompt" and not self.latent_eps:
+            raise SPMError(f"--latent-positions {self.latent_positions} says where --latent-eps attacks: add "
+                           f"--latent-eps, e.g. --latent-eps 0.5", 2)
         if self.lr <= 0:
             raise SPMError(f"--lr {self.lr:g} must be positive", 2)
         if self.surrogate is not None and self.surrogate.strip() in self.concept:
@@ -1302,12 +1310,12 @@ def row_picks(trainer, sizes, purpose):
             for i, n in enumerate(sizes)]
 
 
-def adversary_pictures(trainer, step, references):
+def adversary_pictures(trainer, step, references, codes_from=None):
     """What the adversaries' rows are teacher-forced on, (codes [B, N], erasure target): the concept rows' rollout
-    and the step's target, or (--adversary-codes concept) per row one of the concept's `references` pictures and the
-    teacher's target on it: where an attack that draws the concept has to pass."""
+    and the step's target, or (--adversary-codes concept, or codes_from concept) per row one of the concept's
+    `references` pictures and the teacher's target on it: where an attack that draws the concept has to pass."""
     c, batch = trainer.config, step.batch
-    if c.adversary_codes == "rollout":
+    if (codes_from or c.adversary_codes) == "rollout":
         return step.codes["concept"], step.target
     picks = row_picks(trainer, [len(references[concept]) for concept, _ in batch.picks], "adversary-codes")
     codes = torch.stack([references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
@@ -1378,8 +1386,9 @@ def residual_perturbation(model, layer, delta):
         handle.remove()
 
 
-def residual_norms(model, layer, embeds, mask):
-    """The norm [B, P] of the residual stream entering decoder `layer` at every prompt position."""
+def residual_norms(model, layer, embeds, mask, codes=None):
+    """The norm [B, P] of the residual stream entering decoder `layer` at every prompt position; with codes [B, N],
+    at every position [B, P + N - 1] of the pass teacher-forced on them."""
     seen = {}
 
     def keep(module, args, kwargs):
@@ -1388,19 +1397,29 @@ def residual_norms(model, layer, embeds, mask):
     handle = model.model.language_model.layers[layer].register_forward_pre_hook(keep, with_kwargs=True)
     try:
         with torch.no_grad():
-            model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
-                                       use_cache=False)
+            if codes is None:
+                model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                                           use_cache=False)
+            else:
+                image_hidden(model, embeds, mask, codes)
     finally:
         handle.remove()
     return seen["h"].float().norm(dim=-1)
 
 
-def latent_attack(model, layer, embeds, mask, codes, eps, steps):
-    """PGD: a perturbation [B, P, D] of the residual stream entering decoder `layer` at the prompt positions, each
-    position's at most eps times that position's norm, that raises the mean log-likelihood of the pictures `codes`
-    [B, N] under the model as it is (membranes on or off). Nothing but the perturbation gets a gradient."""
-    radius = (eps * residual_norms(model, layer, embeds, mask))[..., None]  # [B, P, 1]
-    delta = torch.zeros_like(embeds, dtype=torch.float32)
+def latent_attack(model, layer, embeds, mask, codes, eps, steps, where="prompt"):
+    """PGD: a perturbation of the residual stream entering decoder `layer`, at the prompt positions ([B, P, D]), or
+    (where image, prompt+image) at the image positions of the pass teacher-forced on the pictures `codes` [B, N] too
+    ([B, P + N - 1, D], zero where it does not act), each position's at most eps times that position's norm, that
+    raises the mean log-likelihood of `codes` under the model as it is (membranes on or off). Nothing but the
+    perturbation gets a gradient."""
+    if where == "prompt":
+        radius = (eps * residual_norms(model, layer, embeds, mask))[..., None]  # [B, P, 1]
+    else:
+        radius = (eps * residual_norms(model, layer, embeds, mask, codes))[..., None]  # [B, P + N - 1, 1]
+        if where == "image":  # from the first picture token on; <begin_of_image> is the prompt's last position
+            radius[:, :embeds.shape[1]] = 0
+    delta = radius.new_zeros(*radius.shape[:2], embeds.shape[-1])
     for _ in range(steps):
         delta.requires_grad_(True)
         with torch.enable_grad(), residual_perturbation(model, layer, delta):
@@ -1416,7 +1435,9 @@ class LatentAdversary(Lever):
     """--latent-eps (latent adversarial training, Sheshadri, Casper et al. 2024): each step PGD finds an L2-bounded
     perturbation of the residual stream at the concept prompt's positions that raises the likelihood of the concept's
     pictures (the teacher's samples) under the membranes; the student's distribution under it is trained towards the
-    erasure target like the concept prompt's. It attacks where a soft prompt acts, at a few passes' cost."""
+    erasure target like the concept prompt's. It attacks where a soft prompt acts, at a few passes' cost. With
+    --latent-positions image (or prompt+image) it perturbs the image positions of one of the teacher's concept
+    pictures too, where every attack that draws the concept has to pass, and trains there."""
     name = "latent"
 
     def __init__(self, config):
@@ -1430,11 +1451,14 @@ class LatentAdversary(Lever):
             cached_pictures(self.references, trainer, concept)
         picks = row_picks(trainer, [len(self.references[concept]) for concept, _ in batch.picks], "latent-adversary")
         references = torch.stack([self.references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
-        codes, target = adversary_pictures(trainer, step, self.references)
-        if c.adversary_codes == "concept":  # attacked on the pictures it is trained on
+        # a perturbation of image positions belongs to the picture it was found on: trained there, as
+        # --adversary-codes concept trains every position's
+        on_pictures = c.latent_positions != "prompt"
+        codes, target = adversary_pictures(trainer, step, self.references, "concept" if on_pictures else None)
+        if c.adversary_codes == "concept" or on_pictures:  # attacked on the pictures it is trained on
             references = codes
         delta = latent_attack(model, layer, batch.cond[:B].detach(), batch.mask[:B], references, c.latent_eps,
-                              c.latent_steps)
+                              c.latent_steps, c.latent_positions)
         with residual_perturbation(model, layer, delta.detach()):
             perturbed = image_logits(model, batch.cond[:B], batch.mask[:B], codes, c.loss == "hidden")
         uncond_logits = image_logits(model, batch.uncond[:B], batch.mask[:B], codes) if c.loss_on == "cfg" else None

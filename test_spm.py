@@ -542,7 +542,8 @@ def test_a_lever_plugs_in_without_touching_the_step():
     (dict(save_every=-1), "--save-every"), (dict(adversarial_tokens=0), "--adversarial-tokens"),
     (dict(ema=1), "--ema 1 is a decay"), (dict(ema=0.9, select_every=5), "--ema and --select-every"),
     (dict(adversarial_anchors=2, anchor="latent"), "--adversarial-anchors draws the anchors' pictures"),
-    (dict(avoid=["cat", "mouse"]), "--avoid 'mouse' is a concept this run erases")])
+    (dict(avoid=["cat", "mouse"]), "--avoid 'mouse' is a concept this run erases"),
+    (dict(latent_positions="image"), "--latent-positions image says where --latent-eps attacks: add --latent-eps")])
 def test_config_validates_once_with_one_line_errors(settings, needle):
     with pytest.raises(spm.SPMError, match=re.escape(needle)) as error:
         spm.Config(**{"concept": "mouse", **settings})
@@ -2120,17 +2121,25 @@ def test_a_residual_perturbation_acts_at_the_prompt_positions_only_and_is_remove
         assert torch.equal(spm.image_hidden(model, cond, mask, codes), before)
 
 
-@pytest.mark.parametrize("eps", [0.05, 0.5])
-def test_the_latent_attack_raises_the_concept_likelihood_within_its_bound(eps):
+@pytest.mark.parametrize("eps,where", [(0.05, "prompt"), (0.5, "prompt"), (0.5, "image"), (0.5, "prompt+image")])
+def test_the_latent_attack_raises_the_concept_likelihood_within_its_bound(eps, where):
     model, tokenizer = tiny()
     _, cond, _, mask = prompt_batch(model, tokenizer)
     codes = codes_for(model, tokenizer, seed=3)
     likelihood = lambda: F.log_softmax(spm.image_logits(model, cond, mask, codes), -1).gather(
         -1, codes[..., None]).mean().item()
-    norms = spm.residual_norms(model, 1, cond, mask)
-    delta = spm.latent_attack(model, 1, cond, mask, codes, eps, steps=4)
+    norms = spm.residual_norms(model, 1, cond, mask, None if where == "prompt" else codes)
+    P, N = cond.shape[1], codes.shape[1]
+    assert norms.shape == (cond.shape[0], P if where == "prompt" else P + N - 1)
+    assert torch.allclose(norms[:, :P], spm.residual_norms(model, 1, cond, mask))  # the prompt's are the prompt's
+    delta = spm.latent_attack(model, 1, cond, mask, codes, eps, steps=4, where=where)
+    assert delta.shape == (*norms.shape, cond.shape[-1])
     assert (delta.norm(dim=-1) <= eps * norms * (1 + 1e-5) + 1e-6).all()
-    assert (delta.norm(dim=-1) >= 0.5 * eps * norms).any()  # it uses its budget
+    acts = {"prompt": [slice(0, P)], "image": [slice(P, None)], "prompt+image": [slice(0, P), slice(P, None)]}[where]
+    for positions in acts:  # it uses its budget where it acts, and acts nowhere else
+        assert (delta[:, positions].norm(dim=-1) >= 0.5 * eps * norms[:, positions]).any()
+    if where == "image":
+        assert torch.equal(delta[:, :P], torch.zeros_like(delta[:, :P]))
     base = likelihood()
     with spm.residual_perturbation(model, 1, delta):
         attacked = likelihood()
@@ -2155,27 +2164,36 @@ def test_latent_adversarial_training_adds_the_perturbed_rows_to_the_erase_loss()
         train_config(model, tokenizer, latent_eps=0.5, latent_layer=9)
 
 
-@pytest.mark.parametrize("kind", ["soft", "latent"])
-def test_adversary_codes_concept_trains_the_adversaries_on_the_teachers_concept_pictures(kind):
+@pytest.mark.parametrize("kind", ["soft", "latent", "latent on the image positions"])
+def test_adversary_codes_concept_trains_the_adversaries_on_the_teachers_concept_pictures(kind, monkeypatch):
+    """--adversary-codes concept, and --latent-positions image without it: a perturbation of a picture's positions
+    is trained on that picture."""
     model, tokenizer = tiny()
     membranes = spm.attach_membranes(model, tokenizer)
     randomise(membranes)
-    lever = dict(adversarial="soft", adversarial_steps=2) if kind == "soft" else dict(latent_eps=0.5)
-    config = train_config(model, tokenizer, anchor="none", batch_size=2, adversary_codes="concept", **lever)
+    lever = {"soft": dict(adversarial="soft", adversarial_steps=2, adversary_codes="concept"),
+             "latent": dict(latent_eps=0.5, adversary_codes="concept"),
+             "latent on the image positions": dict(latent_eps=0.5, latent_positions="image")}[kind]
+    config = train_config(model, tokenizer, anchor="none", batch_size=2, **lever)
     trainer = spm.Trainer(model, tokenizer, membranes, config)
     adversary, seen = trainer.levers[0], {}
     original = adversary.adversaries
 
     def kept(trainer, step):
         seen["step"], seen["pairs"] = step, original(trainer, step)
-        seen["pictures"] = spm.adversary_pictures(trainer, step, adversary.references)
+        seen["pictures"] = spm.adversary_pictures(trainer, step, adversary.references, "concept")
         return seen["pairs"]
 
     adversary.adversaries = kept
+    attack = spm.latent_attack
+    monkeypatch.setattr(spm, "latent_attack", lambda model, layer, embeds, mask, codes, *rest: seen.update(
+        attacked=codes, where=rest[2:]) or attack(model, layer, embeds, mask, codes, *rest))
     trainer.step()
     step, ((_, target),) = seen["step"], seen["pairs"]
     codes, same = seen["pictures"]
     assert torch.equal(target, same)
+    if kind != "soft":  # attacked on the pictures it is trained on
+        assert torch.equal(seen["attacked"], codes) and seen["where"] == (config.latent_positions,)
     references = adversary.references["mouse"]
     assert all(any(torch.equal(row, r) for r in references) for row in codes)  # the teacher's concept pictures
     assert not torch.equal(codes, step.codes["concept"])
@@ -2508,6 +2526,12 @@ def test_ablate_depth_tables_every_seed_and_plots_the_peers(tmp_path, capsys):
     image = Image.open(tmp_path / "out" / "depth.png").convert("RGB")
     # the oracle (the third legend row) drawn at 100% kept, 0% ASR: its colour at the bottom right of a panel
     assert image.getpixel((50 + 340, 50 + 340 - 4)) == (30, 150, 30)
+    # an eleventh setting takes the first colour again, as a square: its corner is drawn, a circle's would not be
+    corner = (50 + 340 - 4, 50 + 340 - 4)
+    for settings, expected in ((10, (255, 255, 255)), (11, (200, 30, 30))):
+        points = [(f"s{i}", []) for i in range(settings - 1)] + [("last", [(1.0, {"100": 0.0, "300": 0.0})])]
+        ablate.tradeoff_plot(points, tmp_path / "many.png")
+        assert Image.open(tmp_path / "many.png").convert("RGB").getpixel(corner) == expected
 
 
 def test_soft_prompt_snapshots_are_the_prompt_after_that_many_steps():
