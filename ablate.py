@@ -562,7 +562,7 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
     from PIL import Image, ImageDraw
     colours = [(200, 30, 30), (30, 30, 200), (30, 150, 30), (200, 120, 0), (140, 0, 160), (0, 150, 160),
                (120, 120, 120), (90, 60, 20), (230, 0, 130), (0, 0, 0)]
-    margin, legend, low = 50, 300, 0.5
+    margin, legend, low = 50, 460, 0.5
     image = Image.new("RGB", (len(budgets) * (size + margin) + margin + legend, size + 2 * margin), "white")
     draw = ImageDraw.Draw(image)
     for p, budget in enumerate(budgets):
