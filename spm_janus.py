@@ -187,8 +187,9 @@ class Config:
                                    "target there (trained where the attack succeeds)", "robustness",
                                    choices=("rollout", "concept"))
     latent_eps: float = setting(0.0, "latent adversarial training: each step a perturbation of the residual stream at "
-                                "the concept prompt's positions, each at most this share of that position's norm, is "
-                                "found by PGD to bring the concept back and is trained away (0 = off)", "robustness",
+                                "the concept prompt's positions (or --latent-positions), each at most this share of "
+                                "that position's norm, is found by PGD to bring the concept back and is trained away "
+                                "(0 = off)", "robustness",
                                 least=0)
     latent_layer: int = setting(None, "decoder layer whose input --latent-eps perturbs (default: the middle one)",
                                 "robustness", type=int, least=0)
@@ -1436,8 +1437,8 @@ class LatentAdversary(Lever):
     perturbation of the residual stream at the concept prompt's positions that raises the likelihood of the concept's
     pictures (the teacher's samples) under the membranes; the student's distribution under it is trained towards the
     erasure target like the concept prompt's. It attacks where a soft prompt acts, at a few passes' cost. With
-    --latent-positions image (or prompt+image) it perturbs the image positions of one of the teacher's concept
-    pictures too, where every attack that draws the concept has to pass, and trains there."""
+    --latent-positions image it perturbs the image positions of one of the teacher's concept pictures instead (with
+    prompt+image, both), where every attack that draws the concept has to pass, and trains there."""
     name = "latent"
 
     def __init__(self, config):
