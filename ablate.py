@@ -553,7 +553,7 @@ def depth_table(args):
     print(f"wrote {out / 'depth.md'} and {out / 'depth.png'}", file=sys.stderr)
 
 
-MARKERS = ("o", "[]", "<>")
+MARKERS = ("o", "[]", "<>")  # past the plot's ten colours, the next settings take the next marker
 
 
 def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
@@ -562,6 +562,7 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
     from PIL import Image, ImageDraw
     colours = [(200, 30, 30), (30, 30, 200), (30, 150, 30), (200, 120, 0), (140, 0, 160), (0, 150, 160),
                (120, 120, 120), (90, 60, 20), (230, 0, 130), (0, 0, 0)]
+    style = lambda i: (colours[i % len(colours)], MARKERS[i // len(colours) % len(MARKERS)])  # noqa: E731
     margin, legend, low = 50, 460, 0.5
     image = Image.new("RGB", (len(budgets) * (size + margin) + margin + legend, size + 2 * margin), "white")
     draw = ImageDraw.Draw(image)
@@ -581,7 +582,7 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
             if budget == "300":
                 draw.line([left + k, y(0.3), left + k + 4, y(0.3)], fill=(150, 150, 150))
         for i, (label, found) in enumerate(points):
-            colour, shape = colours[i % len(colours)], MARKERS[i // len(colours) % len(MARKERS)]
+            colour, shape = style(i)
             for kept, curve in found:
                 px, py = x(kept), y(curve[budget])
                 box = [px - 4, py - 4, px + 4, py + 4]
@@ -591,9 +592,9 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
                     draw.rectangle(box, outline=colour, width=2)
                 else:
                     draw.polygon([(px, py - 5), (px + 5, py), (px, py + 5), (px - 5, py)], outline=colour, width=2)
-    for i, (label, _) in enumerate(points):  # more settings than colours: the next ones in the next marker
-        draw.text((margin + len(budgets) * (size + margin), margin + 16 * i),
-                  f"{MARKERS[i // len(colours) % len(MARKERS)]} {label}", fill=colours[i % len(colours)])
+    for i, (label, _) in enumerate(points):
+        colour, shape = style(i)
+        draw.text((margin + len(budgets) * (size + margin), margin + 16 * i), f"{shape} {label}", fill=colour)
     image.save(path)
 
 

@@ -1450,14 +1450,16 @@ class LatentAdversary(Lever):
             else c.latent_layer
         for concept in c.concept:
             cached_pictures(self.references, trainer, concept)
-        picks = row_picks(trainer, [len(self.references[concept]) for concept, _ in batch.picks], "latent-adversary")
-        references = torch.stack([self.references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
-        # a perturbation of image positions belongs to the picture it was found on: trained there, as
-        # --adversary-codes concept trains every position's
-        on_pictures = c.latent_positions != "prompt"
+        # attacked on the pictures it is trained on: with --adversary-codes concept, and always where it perturbs
+        # image positions, which belong to the picture they were found on
+        on_pictures = c.adversary_codes == "concept" or c.latent_positions != "prompt"
         codes, target = adversary_pictures(trainer, step, self.references, "concept" if on_pictures else None)
-        if c.adversary_codes == "concept" or on_pictures:  # attacked on the pictures it is trained on
+        if on_pictures:
             references = codes
+        else:
+            picks = row_picks(trainer, [len(self.references[concept]) for concept, _ in batch.picks],
+                              "latent-adversary")
+            references = torch.stack([self.references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
         delta = latent_attack(model, layer, batch.cond[:B].detach(), batch.mask[:B], references, c.latent_eps,
                               c.latent_steps, c.latent_positions)
         with residual_perturbation(model, layer, delta.detach()):
