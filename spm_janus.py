@@ -216,6 +216,10 @@ class Config:
                                        "anchor in turn; each step the student on every kept prompt, teacher-forced on "
                                        "its anchor's pictures, is held to the teacher there (0 = off)", "anchoring",
                                        least=0)
+    adversarial_anchors_from: str = setting("anchors", "what --adversarial-anchors' soft prompts draw: the "
+                                            "--anchor-prompts in turn, or (vocabulary) a seeded pick per attack "
+                                            "of --anchor-vocabulary's words, so that anchors nobody listed are "
+                                            "attacked and held too", "anchoring", choices=("anchors", "vocabulary"))
     avoid: list = setting(None, "a concept the erased prompts must not turn into, e.g. one another membrane erases; "
                           "repeatable: per step and row the student's likelihood of one of the teacher's pictures of "
                           "it, given the concept prompt, is held at most at the erasure target's", "anchoring",
@@ -287,7 +291,12 @@ class Config:
         if self.rollout == "target" and (self.surrogate or self.surrogate is None and self.concept_type != "object"):
             raise SPMError("--rollout target samples from the empty-surrogate target: drop --surrogate, or use "
                            "--rollout student", 2)
-        if self.adversarial_anchors and self.anchor in ("none", "latent"):
+        if self.adversarial_anchors_from == "vocabulary" and not (self.adversarial_anchors and self.anchor_vocabulary):
+            raise SPMError("--adversarial-anchors-from vocabulary draws --anchor-vocabulary's words with "
+                           "--adversarial-anchors' soft prompts: add both, e.g. --adversarial-anchors 3 "
+                           "--anchor-vocabulary 256", 2)
+        if self.adversarial_anchors and self.adversarial_anchors_from == "anchors" and \
+                self.anchor in ("none", "latent"):
             raise SPMError(f"--adversarial-anchors draws the anchors' pictures, which --anchor {self.anchor} does not "
                            f"name: use --anchor prompts (or leave --anchor unset for the built-in list)", 2)
         if self.anchor == "prompts" and not self.anchor_prompts:
@@ -1478,13 +1487,17 @@ class VocabularyAnchoring(Anchoring):
         self.kind, self.size, self.exclude = "prompts", config.anchor_vocabulary, exclude
         self.words = self.left_out = None  # chosen at the first step, from the teacher
 
-    def prompts(self, trainer, picks):
+    def chosen(self, trainer):
+        """The anchor words, drawn from the teacher at the first call."""
         if self.words is None:
             self.words, self.left_out = vocabulary_anchors(trainer, self.size, self.exclude)
         if not self.words:
             raise SPMError("--anchor-vocabulary: every word of this tokenizer drawn was a concept's or an anchor's: "
                            "raise N, or use --anchor-prompts", 2)
-        return [t.format(word) for word, t in trainer.pick(self.words, "vocabulary")]
+        return self.words
+
+    def prompts(self, trainer, picks):
+        return [t.format(word) for word, t in trainer.pick(self.chosen(trainer), "vocabulary")]
 
     def state_dict(self):
         return {} if self.words is None else {"words": self.words, "left_out": self.left_out}
@@ -1498,16 +1511,24 @@ class SoftAnchorAdversary(Lever):
     optimised against the current membranes to draw the next anchor's pictures (the teacher's samples), from a random
     start, and replaces the oldest of the N kept; the student's distribution on each kept prompt, teacher-forced on
     one of its anchor's pictures per row, is held to the teacher's on the same prompt and picture with --anchor's
-    weight. A soft prompt the membranes deflect from an anchor is found and trained back, named or not."""
+    weight. A soft prompt the membranes deflect from an anchor is found and trained back, named or not. With
+    --adversarial-anchors-from vocabulary the attacked anchor is a seeded pick of `vocabulary`'s words instead."""
     name, adversarial = "soft-anchor", True
 
-    def __init__(self, config):
-        self.weight, self.size = config.anchor_weight, config.adversarial_anchors
+    def __init__(self, config, vocabulary=None):
+        self.weight, self.size, self.vocabulary = config.anchor_weight, config.adversarial_anchors, vocabulary
         self.pool, self.references = [], {}  # [(anchor, soft [tokens, D])], anchor -> its pictures [R, N]
 
-    def attack(self, trainer):
+    def next_anchor(self, trainer):
         c, attacks = trainer.config, trainer.step_count // trainer.config.adversarial_every
-        anchor = c.anchor_prompts[attacks % len(c.anchor_prompts)]
+        if self.vocabulary is None:
+            return c.anchor_prompts[attacks % len(c.anchor_prompts)]
+        words = self.vocabulary.chosen(trainer)
+        generator = torch.Generator().manual_seed(derived_seed(c.seed, trainer.step_count, "soft-anchor-word"))
+        return words[int(torch.randint(len(words), (), generator=generator))]
+
+    def attack(self, trainer):
+        c, anchor = trainer.config, self.next_anchor(trainer)
         pictures = cached_pictures(self.references, trainer, anchor)
         generator = torch.Generator().manual_seed(derived_seed(c.seed, trainer.step_count, anchor, "soft-anchor"))
         with torch.enable_grad():
@@ -1691,11 +1712,13 @@ class Avoidance(Lever):
 
 def levers_for(config):
     """The plug-ins a Config switches on, in the order their rows enter the batch."""
+    vocabulary = VocabularyAnchoring(config) if config.anchor_vocabulary else None
+    soft_anchor_words = vocabulary if config.adversarial_anchors_from == "vocabulary" else None
     return ([Anchoring(config)] if config.anchor in ("prompts", "latent") else []) + \
         ([SoftPromptAdversary(config)] if config.adversarial == "soft" else []) + \
         ([LatentAdversary(config)] if config.latent_eps > 0 else []) + \
-        ([VocabularyAnchoring(config)] if config.anchor_vocabulary else []) + \
-        ([SoftAnchorAdversary(config)] if config.adversarial_anchors else []) + \
+        ([vocabulary] if vocabulary else []) + \
+        ([SoftAnchorAdversary(config, soft_anchor_words)] if config.adversarial_anchors else []) + \
         ([Avoidance(config)] if config.avoid else []) + \
         ([MembraneAverage(config)] if config.ema else []) + \
         ([CheckpointSelection(config)] if config.select_every else [])

@@ -542,6 +542,8 @@ def test_a_lever_plugs_in_without_touching_the_step():
     (dict(save_every=-1), "--save-every"), (dict(adversarial_tokens=0), "--adversarial-tokens"),
     (dict(ema=1), "--ema 1 is a decay"), (dict(ema=0.9, select_every=5), "--ema and --select-every"),
     (dict(adversarial_anchors=2, anchor="latent"), "--adversarial-anchors draws the anchors' pictures"),
+    (dict(adversarial_anchors=2, adversarial_anchors_from="vocabulary"), "--adversarial-anchors-from vocabulary draws"),
+    (dict(anchor_vocabulary=8, adversarial_anchors_from="vocabulary"), "--adversarial-anchors-from vocabulary draws"),
     (dict(avoid=["cat", "mouse"]), "--avoid 'mouse' is a concept this run erases"),
     (dict(latent_positions="image"), "--latent-positions image says where --latent-eps attacks: add --latent-eps")])
 def test_config_validates_once_with_one_line_errors(settings, needle):
@@ -2023,6 +2025,35 @@ def test_adversarial_anchors_attack_each_anchor_in_turn_and_hold_the_student_to_
                                                                  config.cfg, config.temperature, generator)
     assert [a for a, _ in lever.pool] == ["tree", "cat"] and torch.equal(lever.pool[-1][1], attacked[True])
     assert not torch.equal(attacked[True], attacked[False])
+
+
+def test_adversarial_anchors_from_vocabulary_attack_a_seeded_pick_of_the_vocabulary_anchors_words():
+    """--adversarial-anchors-from vocabulary: each attack's anchor is a seeded pick of --anchor-vocabulary's words
+    (the same lever's, so ablate.py's held-out words stay out of both), no listed anchor needed; the soft prompt is
+    optimised through the membranes towards the teacher's pictures of that word."""
+    model, tokenizer = tiny()
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    config = train_config(model, tokenizer, anchor="none", anchor_prompts=None, anchor_vocabulary=8,
+                          adversarial_anchors=2, adversarial_anchors_from="vocabulary", adversarial_every=2,
+                          adversarial_steps=2, batch_size=2, lr=0.05)
+    trainer = spm.Trainer(model, tokenizer, membranes, config)
+    vocab, lever = trainer.levers
+    assert [x.name for x in trainer.levers] == ["vocab", "soft-anchor"] and lever.vocabulary is vocab
+    for _ in range(5):
+        metrics = trainer.step()
+    picks = [vocab.words[int(torch.randint(len(vocab.words), (), generator=torch.Generator().manual_seed(
+        spm.derived_seed(config.seed, step, "soft-anchor-word"))))] for step in (2, 4)]
+    assert [a for a, _ in lever.pool] == picks and len(set(picks) | {"mouse", "cat", "car"}) == 5
+    assert metrics["soft-anchor"] > 0
+    trainer.step_count = 6
+    word = lever.next_anchor(trainer)
+    lever.attack(trainer)
+    assert torch.equal(lever.references[word], spm.teacher_pictures(trainer, word))
+    generator = torch.Generator().manual_seed(spm.derived_seed(config.seed, 6, word, "soft-anchor"))
+    soft, _ = spm.optimise_soft_prompt(model, tokenizer, lever.references[word], 4, 2, 1e-2, config.cfg,
+                                       config.temperature, generator)
+    assert lever.pool[-1][0] == word and torch.equal(lever.pool[-1][1], soft)
+    assert spm.Config.from_dict(config.to_dict()).adversarial_anchors_from == "vocabulary"
 
 
 @pytest.fixture(scope="module")
