@@ -514,8 +514,9 @@ def pair_figures(records, pair, templates, synonyms):
 
 
 def setting_name(overrides):
-    """A --quick setting as its flags."""
-    return " ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in overrides.items()) or "today's default"
+    """A --quick setting as its flags (hold_out_objects, not a flag of spm_janus.py, as words)."""
+    flags = " ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in overrides.items() if k != HOLD_OUT)
+    return (flags or "today's default") + (" (objects' words held out)" if overrides.get(HOLD_OUT) else "")
 
 
 def depth_table(args):
@@ -563,8 +564,11 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
     colours = [(200, 30, 30), (30, 30, 200), (30, 150, 30), (200, 120, 0), (140, 0, 160), (0, 150, 160),
                (120, 120, 120), (90, 60, 20), (230, 0, 130), (0, 0, 0)]
     style = lambda i: (colours[i % len(colours)], MARKERS[i // len(colours) % len(MARKERS)])  # noqa: E731
-    margin, legend, low = 50, 460, 0.5
-    image = Image.new("RGB", (len(budgets) * (size + margin) + margin + legend, size + 2 * margin), "white")
+    margin, low = 50, 0.5
+    texts = [f"{style(i)[1]} {label}" for i, (label, _) in enumerate(points)]
+    legend = max([460] + [int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t)) + 20 for t in texts])
+    height = max(size + 2 * margin, 2 * margin + 16 * len(points))  # every legend row on the picture
+    image = Image.new("RGB", (len(budgets) * (size + margin) + margin + legend, height), "white")
     draw = ImageDraw.Draw(image)
     for p, budget in enumerate(budgets):
         left, top = margin + p * (size + margin), margin
@@ -592,9 +596,8 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
                     draw.rectangle(box, outline=colour, width=2)
                 else:
                     draw.polygon([(px, py - 5), (px + 5, py), (px, py + 5), (px - 5, py)], outline=colour, width=2)
-    for i, (label, _) in enumerate(points):
-        colour, shape = style(i)
-        draw.text((margin + len(budgets) * (size + margin), margin + 16 * i), f"{shape} {label}", fill=colour)
+    for i, text in enumerate(texts):
+        draw.text((margin + len(budgets) * (size + margin), margin + 16 * i), text, fill=style(i)[0])
     image.save(path)
 
 

@@ -2554,6 +2554,8 @@ def test_ablate_depth_tables_every_seed_and_plots_the_peers(tmp_path, capsys):
     assert [r.split(" | ")[:2] for r in rows] == [["| `--adversary-pool 4`", "0"], ["| `--adversary-pool 4`", "1"],
                                                    ["| today's default", "0"]]  # by setting in order seen, then seed
     assert rows[2] == "| today's default | 0 | 0.0 / 6.2 / 12.5 | 97.5 | 80.0 (25.0) | 50.0 | 0 / 25 / 50 / 100 | 100 | 99 |"
+    assert ablate.setting_name({"anchor_vocabulary": 256, "hold_out_objects": True}) == \
+        "`--anchor-vocabulary 256` (objects' words held out)"  # not a flag of spm_janus.py
     image = Image.open(tmp_path / "out" / "depth.png").convert("RGB")
     # the oracle (the third legend row) drawn at 100% kept, 0% ASR: its colour at the bottom right of a panel
     assert image.getpixel((50 + 340, 50 + 340 - 4)) == (30, 150, 30)
@@ -2563,6 +2565,13 @@ def test_ablate_depth_tables_every_seed_and_plots_the_peers(tmp_path, capsys):
         points = [(f"s{i}", []) for i in range(settings - 1)] + [("last", [(1.0, {"100": 0.0, "300": 0.0})])]
         ablate.tradeoff_plot(points, tmp_path / "many.png")
         assert Image.open(tmp_path / "many.png").convert("RGB").getpixel(corner) == expected
+    points = [(f"s{i}", []) for i in range(39)] + [("x" * 200, [])]  # the fortieth: black, a diamond
+    ablate.tradeoff_plot(points, tmp_path / "long.png")
+    image = Image.open(tmp_path / "long.png").convert("RGB")
+    ink = lambda left, right: min(sum(c) for _, c in image.crop(  # noqa: E731 (darkest in the last legend row)
+        (left, 50 + 16 * 39, right, 50 + 16 * 40)).getcolors(10 ** 5))
+    assert image.height >= 50 + 16 * 40 + 50 and ink(image.width - 200, image.width - 12) < 150
+    assert ink(image.width - 12, image.width) == 3 * 255  # the long label ends on the picture
 
 
 def test_soft_prompt_snapshots_are_the_prompt_after_that_many_steps():
