@@ -29,9 +29,10 @@ import spm_janus as spm
 import toy_janus as toy
 
 ANCHORS = ("cat", "car", "tree")  # the benchmark's anchored objects; the other four are never anchored
-# --quick's one key that is not a Config field: with anchor_vocabulary, the non-anchored objects' words (and their
-# synonyms) are left out of the vocabulary anchors, so that the non-anchored figure measures objects no anchor names
-HOLD_OUT = "hold_out_objects"
+# --quick's keys that are not Config fields (--quick alone takes them): with anchor_vocabulary, the non-anchored
+# objects' words (and their synonyms) are left out of the vocabulary anchors, so that the non-anchored figure measures
+# objects no anchor names; and the oracle's distribution as the target (OracleTargetTrainer)
+HOLD_OUT, ORACLE_TARGET = "hold_out_objects", "oracle_target"
 ANCHORED = dict(anchor="prompts", anchor_prompts=list(ANCHORS))
 POSTER = dict(scope="image", anchor="none")  # the poster's membranes acted on the image positions, no anchoring
 # (name, Config settings). The anchoring rows add the benchmark's anchors back to the poster's settings.
@@ -209,7 +210,10 @@ def build_parser():
                         help="instead of a table: train today's default with the benchmark's anchors and these Config "
                              "overrides (repeatable, e.g. latent_eps=0.5; 'default' for none) for each of --seeds from "
                              "--first-seed, judge it with --n samples per prompt from --eval-seed, and run the soft "
-                             "attack's budget curve; one JSON line per training seed")
+                             "attack's budget curve; one JSON line per training seed. Two keys are not Config "
+                             "fields: hold_out_objects=true (with anchor_vocabulary: the non-anchored objects' words "
+                             "left out of it) and oracle_target=true (a diagnostic: the oracle's distribution as the "
+                             "concept rows' target)")
     parser.add_argument("--depth", nargs="+", default=None, metavar="JSONL",
                         help="instead of a run: the per-seed table of --quick's JSON lines (files of its output) and "
                              "the trade-off plot of the soft attack's ASR at 100 and 300 steps against non-anchored "
@@ -384,20 +388,61 @@ def only(candidates, names):
     return [s for s in candidates if not names or s[0] in exact or any(o in s[0] for o in names if o not in exact)]
 
 
-def quick_overrides(items):
-    """--quick's KEY=VALUE items as Config overrides: numbers, booleans and JSON lists as such, other values as text."""
+def quick_overrides(items, mode=None):
+    """--quick's KEY=VALUE items as Config overrides: numbers, booleans and JSON lists as such, other values as text.
+    mode: the other mode they modify (--pair, --types), which takes Config fields only."""
     overrides = {}
     for item in items:
         if item == "default":
             continue
         key, equals, value = item.partition("=")
-        if not equals or key not in {f.name for f in dataclasses.fields(spm.Config)} | {HOLD_OUT}:
+        if not equals or key not in {f.name for f in dataclasses.fields(spm.Config)} | {HOLD_OUT, ORACLE_TARGET}:
             build_parser().error(f"--quick {item!r}: give KEY=VALUE with a Config field as KEY, e.g. latent_eps=0.5")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    if mode and {HOLD_OUT, ORACLE_TARGET} & set(overrides):
+        build_parser().error(f"{mode} --quick: {HOLD_OUT} and {ORACLE_TARGET} belong to --quick's own runs; drop them")
     return overrides
+
+
+class OracleTargetTrainer(spm.Trainer):
+    """A diagnostic, not a method (it needs a model that never learned the concept): the concept rows are trained
+    towards the oracle's own distribution on them (its logits on the same prompts and rollout, CFG-combined under
+    --loss-on cfg), instead of the erasure target, so that a run shows what depth the target itself can buy."""
+
+    def __init__(self, *args, oracle, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.oracle = oracle
+
+    @torch.no_grad()
+    def erasure_target(self, batch, codes, teacher):
+        rows, embed = batch.rows["concept"], self.oracle.get_input_embeddings()
+        ids, mask = batch.input_ids[rows.start:rows.stop], batch.mask[rows.start:rows.stop]
+        parts = [(embed(ids), mask, codes["concept"])]
+        if self.config.loss_on == "cfg":
+            parts.append((embed(spm.unconditional_ids(ids, self.tokenizer)), mask, codes["concept"]))
+        return self.distribution(*spm.batched_image_logits(self.oracle, parts))
+
+
+def load_oracle(config):
+    """The toy's oracle for --quick oracle_target=true, after the checks that it can stand in for a target."""
+    if config.loss == "hidden":
+        build_parser().error(f"--quick {ORACLE_TARGET}=true: the oracle's hidden states are another model's; use "
+                             f"--loss kl or mse")
+    oracle_dir = Path(__file__).resolve().with_name(ORACLE)
+    if not (oracle_dir / "config.json").is_file():
+        raise SystemExit(f"ablate.py: error: --quick {ORACLE_TARGET}=true needs the oracle {oracle_dir}: build it "
+                         f"with `python toy_janus.py --without mouse`")
+    return spm.load_model(str(oracle_dir))[0]
+
+
+def quick_trainer(overrides, model, tokenizer, membranes, config, levers):
+    """--quick's Trainer: spm_janus.py's own, or with oracle_target=true the oracle's distribution as the target."""
+    if overrides.get(ORACLE_TARGET):
+        return OracleTargetTrainer(model, tokenizer, membranes, config, levers=levers, oracle=load_oracle(config))
+    return spm.Trainer(model, tokenizer, membranes, config, levers=levers)
 
 
 def quick(args):
@@ -413,7 +458,7 @@ def quick(args):
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))
     curve_args = budget_curve_args(16, args.attack_seed)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        settings = {k: v for k, v in overrides.items() if k != HOLD_OUT}
+        settings = {k: v for k, v in overrides.items() if k not in (HOLD_OUT, ORACLE_TARGET)}
         config = spm.Config(model="toy", concept="mouse", seed=seed, **{**ANCHORED, **settings}).resolved(model,
                                                                                                          tokenizer)
         levers = spm.levers_for(config)
@@ -422,7 +467,7 @@ def quick(args):
             named = config.concept + config.anchor_prompts
             vocabulary.exclude = [w for o in toy.OBJECTS if o not in named for w in toy.words_for(o)]
         membranes = spm.attach_for(model, tokenizer, config)
-        trainer, started = spm.Trainer(model, tokenizer, membranes, config, levers=levers), time.time()
+        trainer, started = quick_trainer(overrides, model, tokenizer, membranes, config, levers), time.time()
         for _ in tqdm(range(config.steps), desc=f"training seed {seed}", leave=False, file=sys.stderr):
             trainer.step()
         seconds = time.time() - started
@@ -454,7 +499,7 @@ def quick(args):
 def pair(args):
     """--pair A B: two default membranes on one model, judged as `sample.py --eval --ckpt A --ckpt B [--transport]`
     judges them, against one base drawn once."""
-    overrides = quick_overrides(args.quick or [])
+    overrides = quick_overrides(args.quick or [], "--pair")
     settings = {**({"steps": args.steps} if args.steps else {}), **overrides}  # --quick's win, as they did
     if any(o not in toy.OBJECTS for o in args.pair) or args.pair[0] == args.pair[1]:
         build_parser().error(f"--pair {' '.join(args.pair)}: give two different toy objects, from "
@@ -514,9 +559,10 @@ def pair_figures(records, pair, templates, synonyms):
 
 
 def setting_name(overrides):
-    """A --quick setting as its flags (hold_out_objects, not a flag of spm_janus.py, as words)."""
-    flags = " ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in overrides.items() if k != HOLD_OUT)
-    return (flags or "today's default") + (" (objects' words held out)" if overrides.get(HOLD_OUT) else "")
+    """A --quick setting as its flags (hold_out_objects and oracle_target, not flags of spm_janus.py, as words)."""
+    flags = " ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in overrides.items() if k not in (HOLD_OUT, ORACLE_TARGET))
+    return (flags or "today's default") + (" (objects' words held out)" if overrides.get(HOLD_OUT) else "") + \
+        (" (the oracle's distribution as the target)" if overrides.get(ORACLE_TARGET) else "")
 
 
 def depth_table(args):
@@ -608,10 +654,7 @@ def concept_types(args):
     seeds = list(range(args.eval_seed, args.eval_seed + args.n))
     settings = only(TYPES, args.only)
     if args.quick:  # the same rows with --quick's overrides on top, named by them
-        extra = quick_overrides(args.quick)
-        if HOLD_OUT in extra:
-            build_parser().error(f"--types --quick {HOLD_OUT}: the toy's objects are held out of an object's "
-                                 f"vocabulary anchors only; drop it")
+        extra = quick_overrides(args.quick, "--types")
         settings = [(f"{name}, {setting_name(extra)}" if extra else name, {**overrides, **extra})
                     for name, overrides in settings]
 

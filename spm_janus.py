@@ -1758,7 +1758,7 @@ class Trainer:
         rollout_seconds = time.time() - started
         with torch.no_grad(), self.membranes.disabled():          # the teacher: the same model, membranes off
             teacher = self.distributions(batch, codes, batch.groups + ["surrogate"])
-        target = erasure_target(teacher["concept"], teacher["surrogate"], c.eta)
+        target = self.erasure_target(batch, codes, teacher)
         student = self.distributions(batch, codes, batch.groups)  # one teacher-forced pass with gradients
         step = Step(batch, codes, teacher, student, target)
         erased = [(student["concept"], target)] + [pair for lever in self.levers
@@ -1771,6 +1771,11 @@ class Trainer:
                 terms[lever.name] = term
                 loss = loss + lever.weight * term
         return self.update(loss, terms, rollout_seconds, started)
+
+    def erasure_target(self, batch, codes, teacher):
+        """What the concept rows are trained towards: t = l(surrogate) - eta * (l(concept) - l(surrogate)). A
+        subclass may aim elsewhere (ablate.py's oracle target, a diagnostic)."""
+        return erasure_target(teacher["concept"], teacher["surrogate"], self.config.eta)
 
     def pick(self, concepts, purpose):
         """batch_size (concept, template) pairs; with --augment, a share of the templates get random edits."""

@@ -2574,6 +2574,47 @@ def test_ablate_depth_tables_every_seed_and_plots_the_peers(tmp_path, capsys):
     assert ink(image.width - 12, image.width) == 3 * 255  # the long label ends on the picture
 
 
+@pytest.mark.parametrize("loss_on", ["cond", "cfg"])
+def test_ablate_oracle_target_trains_the_concept_rows_towards_the_oracles_distribution(loss_on, capsys):
+    """--quick oracle_target=true: the concept rows' target is the oracle's distribution on the same prompts and
+    rollout (its own embeddings; CFG-combined under --loss-on cfg), not l(surrogate) - eta * (...); the rest is kept."""
+    import ablate
+    model, tokenizer = tiny()
+    oracle = spm.build_tiny_janus(seed=1)[0].eval().requires_grad_(False)  # another model, the same tokenizer
+    membranes = spm.attach_membranes(model, tokenizer, scope="prompt")
+    config = train_config(model, tokenizer, loss_on=loss_on, batch_size=2)
+    trainer = ablate.OracleTargetTrainer(model, tokenizer, membranes, config, oracle=oracle)
+    batch = spm.Batch(trainer, trainer.pick(config.concept, "concept"))
+    codes = trainer.rollout(batch)
+    ids, mask, concept = batch.input_ids[:2], batch.mask[:2], codes["concept"]
+    with torch.no_grad():
+        cond = spm.image_logits(oracle, oracle.get_input_embeddings()(ids), mask, concept)
+        uncond = spm.image_logits(oracle, oracle.get_input_embeddings()(spm.unconditional_ids(ids, tokenizer)), mask,
+                                  concept)
+        expected = cond if loss_on == "cond" else spm.cfg_combine(cond, uncond, config.cfg) / config.temperature
+        with membranes.disabled():
+            teacher = trainer.distributions(batch, codes, batch.groups + ["surrogate"])
+    target = trainer.erasure_target(batch, codes, teacher)
+    assert torch.allclose(target, expected, atol=1e-5) and not torch.allclose(
+        target, spm.Trainer.erasure_target(trainer, batch, codes, teacher), atol=1e-2)
+    metrics = trainer.step()  # untouched membranes: the student is the teacher
+    assert metrics["erase"] == pytest.approx(float(spm.divergence(teacher["concept"], expected)), rel=1e-4)
+    assert ablate.setting_name({"oracle_target": True}) == "today's default (the oracle's distribution as the target)"
+    assert type(ablate.quick_trainer({}, model, tokenizer, membranes, config, None)) is spm.Trainer
+    chosen = ablate.quick_trainer({"oracle_target": True}, model, tokenizer, membranes, config, None)
+    toy_oracle = spm.load_model(str(HERE / ablate.ORACLE))[0]
+    assert isinstance(chosen, ablate.OracleTargetTrainer) and all(  # the toy's oracle, from its directory
+        torch.equal(a, b) for a, b in zip(chosen.oracle.state_dict().values(), toy_oracle.state_dict().values()))
+    with pytest.raises(SystemExit):
+        ablate.quick_trainer({"oracle_target": True}, model, tokenizer, membranes,
+                             train_config(model, tokenizer, loss="hidden"), None)
+    assert "the oracle's hidden states are another model's" in capsys.readouterr().err
+    for mode in (["--pair", "mouse", "cat"], ["--types"]):
+        with pytest.raises(SystemExit):
+            ablate.main(mode + ["--quick", "oracle_target=true"])
+        assert "oracle_target belong to --quick's own runs" in capsys.readouterr().err
+
+
 def test_soft_prompt_snapshots_are_the_prompt_after_that_many_steps():
     model, tokenizer = tiny()
     codes = codes_for(model, tokenizer)
