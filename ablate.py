@@ -600,7 +600,7 @@ def depth_table(args):
     print(f"wrote {out / 'depth.md'} and {out / 'depth.png'}", file=sys.stderr)
 
 
-MARKERS = ("o", "[]", "<>")  # past the plot's ten colours, the next settings take the next marker
+MARKERS = ("o", "[]", "<>", "^")  # past the plot's ten colours, the next settings take the next marker
 
 
 def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
@@ -640,8 +640,10 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
                     draw.ellipse(box, outline=colour, width=2)
                 elif shape == "[]":
                     draw.rectangle(box, outline=colour, width=2)
-                else:
+                elif shape == "<>":
                     draw.polygon([(px, py - 5), (px + 5, py), (px, py + 5), (px - 5, py)], outline=colour, width=2)
+                else:
+                    draw.polygon([(px, py - 5), (px + 5, py + 4), (px - 5, py + 4)], outline=colour, width=2)
     for i, text in enumerate(texts):
         draw.text((margin + len(budgets) * (size + margin), margin + 16 * i), text, fill=style(i)[0])
     image.save(path)

@@ -2565,6 +2565,10 @@ def test_ablate_depth_tables_every_seed_and_plots_the_peers(tmp_path, capsys):
         points = [(f"s{i}", []) for i in range(settings - 1)] + [("last", [(1.0, {"100": 0.0, "300": 0.0})])]
         ablate.tradeoff_plot(points, tmp_path / "many.png")
         assert Image.open(tmp_path / "many.png").convert("RGB").getpixel(corner) == expected
+    points = [(f"s{i}", []) for i in range(30)] + [("last", [(1.0, {"100": 0.0, "300": 0.0})])]
+    ablate.tradeoff_plot(points, tmp_path / "many.png")  # the thirty-first: the first colour as a triangle
+    image = Image.open(tmp_path / "many.png").convert("RGB")
+    assert image.getpixel(corner) == (255, 255, 255) and image.getpixel((corner[0], corner[1] + 8)) == (200, 30, 30)
     points = [(f"s{i}", []) for i in range(39)] + [("x" * 200, [])]  # the fortieth: black, a diamond
     ablate.tradeoff_plot(points, tmp_path / "long.png")
     image = Image.open(tmp_path / "long.png").convert("RGB")
