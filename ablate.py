@@ -357,11 +357,7 @@ def main(argv=None):
 def oracle_row(args, prompts, judge, draw, base_codes, synonyms, attacks, attack_args, references, templates,
                curve_args, cfg, temperature, seeds, figure_prompts, figure_rows):
     """The peers table's floor row: the oracle as the erased model."""
-    oracle_dir = Path(__file__).resolve().with_name(ORACLE)
-    if not (oracle_dir / "config.json").is_file():
-        raise SystemExit(f"ablate.py: error: --peers needs the oracle {oracle_dir}: build it with "
-                         f"`python toy_janus.py --without mouse`")
-    oracle, tokenizer = spm.load_model(str(oracle_dir))
+    oracle, tokenizer = load_oracle("--peers")
 
     def draw_oracle(_, text_prompts):
         return torch.stack([spm.sample_prompts(oracle, tokenizer, [p], seeds, cfg, temperature)[0] for p in
@@ -426,23 +422,24 @@ class OracleTargetTrainer(spm.Trainer):
         return self.distribution(*spm.batched_image_logits(self.oracle, parts))
 
 
-def load_oracle(config):
-    """The toy's oracle for --quick oracle_target=true, after the checks that it can stand in for a target."""
-    if config.loss == "hidden":
-        build_parser().error(f"--quick {ORACLE_TARGET}=true: the oracle's hidden states are another model's; use "
-                             f"--loss kl or mse")
+def load_oracle(needed_by):
+    """(model, tokenizer) of the toy's oracle (toy_model_without_mouse), or a one-line error naming `needed_by`."""
     oracle_dir = Path(__file__).resolve().with_name(ORACLE)
     if not (oracle_dir / "config.json").is_file():
-        raise SystemExit(f"ablate.py: error: --quick {ORACLE_TARGET}=true needs the oracle {oracle_dir}: build it "
-                         f"with `python toy_janus.py --without mouse`")
-    return spm.load_model(str(oracle_dir))[0]
+        raise SystemExit(f"ablate.py: error: {needed_by} needs the oracle {oracle_dir}: build it with "
+                         f"`python toy_janus.py --without mouse`")
+    return spm.load_model(str(oracle_dir))
 
 
 def quick_trainer(overrides, model, tokenizer, membranes, config, levers):
     """--quick's Trainer: spm_janus.py's own, or with oracle_target=true the oracle's distribution as the target."""
-    if overrides.get(ORACLE_TARGET):
-        return OracleTargetTrainer(model, tokenizer, membranes, config, levers=levers, oracle=load_oracle(config))
-    return spm.Trainer(model, tokenizer, membranes, config, levers=levers)
+    if not overrides.get(ORACLE_TARGET):
+        return spm.Trainer(model, tokenizer, membranes, config, levers=levers)
+    if config.loss == "hidden":
+        build_parser().error(f"--quick {ORACLE_TARGET}=true: the oracle's hidden states are another model's; use "
+                             f"--loss kl or mse")
+    oracle = load_oracle(f"--quick {ORACLE_TARGET}=true")[0]
+    return OracleTargetTrainer(model, tokenizer, membranes, config, levers=levers, oracle=oracle)
 
 
 def quick(args):
@@ -612,7 +609,8 @@ def tradeoff_plot(points, path, budgets=("100", "300"), size=340):
     style = lambda i: (colours[i % len(colours)], MARKERS[i // len(colours) % len(MARKERS)])  # noqa: E731
     margin, low = 50, 0.5
     texts = [f"{style(i)[1]} {label}" for i, (label, _) in enumerate(points)]
-    legend = max([460] + [int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t)) + 20 for t in texts])
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend = max([460] + [int(measure.textlength(t)) + 20 for t in texts])
     height = max(size + 2 * margin, 2 * margin + 16 * len(points))  # every legend row on the picture
     image = Image.new("RGB", (len(budgets) * (size + margin) + margin + legend, height), "white")
     draw = ImageDraw.Draw(image)

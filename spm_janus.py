@@ -1320,6 +1320,12 @@ def row_picks(trainer, sizes, purpose):
             for i, n in enumerate(sizes)]
 
 
+def concept_picture_picks(trainer, batch, references, purpose):
+    """Per row of the step, one of its concept's `references` pictures (row_picks): [B, N]."""
+    picks = row_picks(trainer, [len(references[concept]) for concept, _ in batch.picks], purpose)
+    return torch.stack([references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
+
+
 def adversary_pictures(trainer, step, references, codes_from=None):
     """What the adversaries' rows are teacher-forced on, (codes [B, N], erasure target): the concept rows' rollout
     and the step's target, or (--adversary-codes concept, or codes_from concept) per row one of the concept's
@@ -1327,8 +1333,7 @@ def adversary_pictures(trainer, step, references, codes_from=None):
     c, batch = trainer.config, step.batch
     if (codes_from or c.adversary_codes) == "rollout":
         return step.codes["concept"], step.target
-    picks = row_picks(trainer, [len(references[concept]) for concept, _ in batch.picks], "adversary-codes")
-    codes = torch.stack([references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
+    codes = concept_picture_picks(trainer, batch, references, "adversary-codes")
     with torch.no_grad(), trainer.membranes.disabled():
         teacher = trainer.distributions(batch, {**step.codes, "concept": codes}, ["concept", "surrogate"])
     return codes, erasure_target(teacher["concept"], teacher["surrogate"], c.eta)
@@ -1466,9 +1471,7 @@ class LatentAdversary(Lever):
         if on_pictures:
             references = codes
         else:
-            picks = row_picks(trainer, [len(self.references[concept]) for concept, _ in batch.picks],
-                              "latent-adversary")
-            references = torch.stack([self.references[concept][k] for (concept, _), k in zip(batch.picks, picks)])
+            references = concept_picture_picks(trainer, batch, self.references, "latent-adversary")
         delta = latent_attack(model, layer, batch.cond[:B].detach(), batch.mask[:B], references, c.latent_eps,
                               c.latent_steps, c.latent_positions)
         with residual_perturbation(model, layer, delta.detach()):
