@@ -2613,6 +2613,10 @@ def test_ablate_oracle_target_trains_the_concept_rows_towards_the_oracles_distri
         ablate.quick_trainer({"oracle_target": True}, model, tokenizer, membranes,
                              train_config(model, tokenizer, loss="hidden"), None)
     assert "the oracle's hidden states are another model's" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:  # a clone without the oracle: one line naming what needs it
+        patch.setattr(ablate, "ORACLE", "no_such_oracle")
+        with pytest.raises(SystemExit, match=r"--quick oracle_target=true needs the oracle .*no_such_oracle: build"):
+            ablate.quick_trainer({"oracle_target": True}, model, tokenizer, membranes, config, None)
     for mode in (["--pair", "mouse", "cat"], ["--types"]):
         with pytest.raises(SystemExit):
             ablate.main(mode + ["--quick", "oracle_target=true"])
